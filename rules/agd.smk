@@ -1,0 +1,314 @@
+# AGD: Efficient Distillation of Classifier-Free Guidance using Adapters.
+# base -> CFG-guided (and standard) trajectories -> adapters (AGD) / whole-model
+# guidance distillation (GD) -> evaluation over w and seeds -> table, figures, claims.
+
+
+wildcard_constraints:
+    traj="cfg|standard",
+    seed=r"\d+",
+    agd_checkpoint="base|derived",
+    agd_method="none|cfg|agd|agd_standard|gd|real",
+
+
+rule agd_base:
+    input:
+        train=rules.digits.output.train,
+    output:
+        model=directory("models/agd/base"),
+        metrics="results/agd/base_metrics.json",
+    log:
+        "logs/agd/base.log",
+    benchmark:
+        "benchmarks/rules/agd/base.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=section("agd", "base", sampler=AGD["sampler"]),
+        checkpoints="checkpoints/agd_base",
+    shell:
+        "{params.py} -m repro.agd.base --train {input.train:q} --out {output.model:q}"
+        " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_base --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_trajectories:
+    input:
+        base=rules.agd_base.output.model,
+        train=rules.digits.output.train,
+    output:
+        directory("data/agd/trajectories/{traj}"),
+    log:
+        "logs/agd/trajectories_{traj}.log",
+    benchmark:
+        "benchmarks/rules/agd/trajectories_{traj}.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=section("agd", "trajectories", sampler=AGD["sampler"]),
+    shell:
+        "{params.py} -m repro.agd.trajectories --kind {wildcards.traj} --base {input.base:q}"
+        " --train {input.train:q} --out {output:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_trajectories --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_distill:
+    input:
+        base=rules.agd_base.output.model,
+        trajectories="data/agd/trajectories/{traj}",
+    output:
+        adapters="models/agd/adapters/{traj}_s{seed}.safetensors",
+        metrics="results/agd/distill/{traj}_s{seed}.json",
+    log:
+        "logs/agd/distill_{traj}_s{seed}.log",
+    benchmark:
+        "benchmarks/rules/agd/distill_{traj}_s{seed}.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=lambda wildcards: section("agd", "distill", seed=int(wildcards.seed)),
+        checkpoints="checkpoints/agd_distill/{traj}_s{seed}",
+    shell:
+        "{params.py} -m repro.agd.distill --base {input.base:q}"
+        " --trajectories {input.trajectories:q} --out {output.adapters:q}"
+        " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_distill --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_gd:
+    input:
+        base=rules.agd_base.output.model,
+        trajectories="data/agd/trajectories/standard",
+    output:
+        model=directory("models/agd/gd_s{seed}"),
+        metrics="results/agd/gd/gd_s{seed}.json",
+    log:
+        "logs/agd/gd_s{seed}.log",
+    benchmark:
+        "benchmarks/rules/agd/gd_s{seed}.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=lambda wildcards: section("agd", "gd", seed=int(wildcards.seed)),
+        checkpoints="checkpoints/agd_gd/s{seed}",
+    shell:
+        "{params.py} -m repro.agd.gd --base {input.base:q}"
+        " --trajectories {input.trajectories:q} --out {output.model:q}"
+        " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_gd --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_transfer:
+    input:
+        base=rules.agd_base.output.model,
+        glyphs=rules.glyphs.output[0],
+    output:
+        model=directory("models/agd/derived"),
+        metrics="results/agd/transfer_metrics.json",
+    log:
+        "logs/agd/transfer.log",
+    benchmark:
+        "benchmarks/rules/agd/transfer.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=section("agd", "transfer", sampler=AGD["sampler"]),
+        checkpoints="checkpoints/agd_transfer",
+    shell:
+        "{params.py} -m repro.agd.transfer --base {input.base:q} --data {input.glyphs:q}"
+        " --out {output.model:q} --metrics {output.metrics:q}"
+        " --checkpoint-dir {params.checkpoints:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_transfer --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_eval:
+    input:
+        unpack(agd_eval_inputs),
+    output:
+        "results/agd/eval/{agd_checkpoint}/{agd_method}.csv",
+    log:
+        "logs/agd/eval/{agd_checkpoint}_{agd_method}.log",
+    benchmark:
+        "benchmarks/rules/agd/eval_{agd_checkpoint}_{agd_method}.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=60,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=section("agd", "eval", sampler=AGD["sampler"]),
+        adapters=eval_option("--adapters", "adapters"),
+        gd=eval_option("--gd", "gd"),
+        train=eval_option("--train", "train"),
+        seeds=" ".join(str(s) for s in SEEDS),
+    shell:
+        "{params.py} -m repro.agd.evaluate --method {wildcards.agd_method}"
+        " --checkpoint {input.checkpoint:q} --checkpoint-name {wildcards.agd_checkpoint}"
+        " {params.adapters} {params.gd} {params.train}"
+        " --reference {input.reference:q} --classifier {input.classifier:q}"
+        " --seeds {params.seeds} --out {output:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_eval --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_table:
+    input:
+        agd_eval_tables(),
+    output:
+        table="results/agd_fid.csv",
+        metrics="results/agd_metrics.json",
+    log:
+        "logs/agd/table.log",
+    benchmark:
+        "benchmarks/rules/agd/table.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        py=PYTHON,
+    shell:
+        "{params.py} -m repro.agd.table --out {output.table:q} --metrics {output.metrics:q}"
+        " {input:q} > {log:q} 2>&1"
+
+
+rule agd_throughput:
+    input:
+        base=rules.agd_base.output.model,
+        adapters=f"models/agd/adapters/cfg_s{SEEDS[0]}.safetensors",
+    output:
+        "results/agd_throughput.csv",
+    log:
+        "logs/agd/throughput.log",
+    benchmark:
+        "benchmarks/rules/agd/throughput.tsv"
+    conda:
+        "../envs/agd.yaml"
+    # All the cores: nothing else runs beside a timing job.
+    threads: workflow.cores
+    resources:
+        mem_mb=3000,
+        runtime=30,
+        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=section("agd", "throughput", sampler=AGD["sampler"]),
+    shell:
+        "{params.py} benchmarks/agd_throughput.py --base {input.base:q}"
+        " --adapters {input.adapters:q} --out {output:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_throughput --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_figures:
+    input:
+        table=rules.agd_table.output.table,
+        throughput=rules.agd_throughput.output[0],
+        base=rules.agd_base.output.model,
+        adapters=f"models/agd/adapters/cfg_s{SEEDS[0]}.safetensors",
+    output:
+        fid=report(
+            "results/figures/agd_fid_vs_w.png",
+            caption="../report/agd_fid_vs_w.rst",
+            category="AGD",
+        ),
+        samples=report(
+            "results/figures/agd_samples.png",
+            caption="../report/agd_samples.rst",
+            category="AGD",
+        ),
+        speed=report(
+            "results/figures/agd_speed.png",
+            caption="../report/agd_speed.rst",
+            category="AGD",
+        ),
+    log:
+        "logs/agd/figures.log",
+    benchmark:
+        "benchmarks/rules/agd/figures.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        py=PYTHON,
+        scale=SCALE,
+        cfg=section("agd", "figures", sampler=AGD["sampler"]),
+    shell:
+        "{params.py} -m repro.agd.plots --table {input.table:q}"
+        " --throughput {input.throughput:q} --base {input.base:q}"
+        " --adapters {input.adapters:q} --fid-figure {output.fid:q}"
+        " --samples-figure {output.samples:q} --speed-figure {output.speed:q}"
+        " --params {params.cfg:q} --threads {threads} --rule agd_figures --scale {params.scale}"
+        " > {log:q} 2>&1"
+
+
+rule agd_claims:
+    input:
+        table=rules.agd_table.output.table,
+        throughput=rules.agd_throughput.output[0],
+    output:
+        "results/claims/agd.csv",
+    log:
+        "logs/agd/claims.log",
+    benchmark:
+        "benchmarks/rules/agd/claims.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        py=PYTHON,
+    shell:
+        "{params.py} -m repro.agd.claims --table {input.table:q}"
+        " --throughput {input.throughput:q} --out {output:q} > {log:q} 2>&1"

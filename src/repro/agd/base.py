@@ -1,0 +1,120 @@
+"""Stage agd_base: the class-conditional base model that AGD distils.
+
+Tiny scale: train a DiTTransformer2DModel on the digits with the standard
+epsilon-prediction loss; the model's own label embedding drops 10% of labels to
+the null class in training mode, which is what makes CFG possible later.
+Paper scale: load DiT-XL/2 from the hub (`pretrained`) and save it unchanged, so
+every later stage reads the base from the same place at every scale.
+
+    python -m repro.agd.base --train data/digits/train.safetensors \
+        --out models/agd/base --metrics results/agd/base_metrics.json \
+        --checkpoint-dir checkpoints/agd_base --params '{...}'
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from repro.agd.model import build_dit, null_label, save_dit, set_label_dropout
+from repro.core.cli import parse_stage_args, stage_parser
+from repro.core.data import load_image_dataset
+from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
+from repro.core.io import write_json
+from repro.core.tracking import log_run
+from repro.core.training import fit
+
+log = logging.getLogger(__name__)
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """Batches are a pure function of (seed, step), so a resumed run sees the same data."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def train_denoiser(
+    model, params: dict, images: torch.Tensor, labels: torch.Tensor, checkpoint_dir, desc: str
+):
+    """Train a DiT on (images, labels) with the epsilon loss; returns (model, fit summary).
+
+    Used from scratch by agd_base and to derive a fine-tuned checkpoint by agd_transfer.
+    """
+    # CFG needs the model to learn the unconditional (null-class) prediction too.
+    # diffusers drops labels inside every block with the global RNG, independently
+    # per block; one seeded mask per sample, drawn in the loss, is the textbook form.
+    set_label_dropout(model, 0.0)
+    model.train()
+    denoiser = DiTDenoiser(model)
+    null, p_uncond = null_label(model), params["label_dropout"]
+    scheduler = scheduler_from_params(params["sampler"])
+    seed, batch_size = params["seed"], params["batch_size"]
+    torch.manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        gen = batch_generator(seed, step)
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        return epsilon_loss(
+            denoiser, scheduler, images[idx], labels[idx], gen, p_uncond=p_uncond, null_label=null
+        )
+
+    summary = fit(
+        modules={"model": model},
+        parameters=list(model.parameters()),
+        loss_fn=loss_fn,
+        steps=params["steps"],
+        lr=params["lr"],
+        weight_decay=params["weight_decay"],
+        warmup_fraction=params["warmup_fraction"],
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=params["checkpoint_every"],
+        desc=desc,
+    )
+    model.eval()
+    return model, summary
+
+
+def main(argv=None) -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--train", required=True, help="digits train split (safetensors)")
+    parser.add_argument("--out", required=True, help="output directory (diffusers format)")
+    parser.add_argument("--metrics", required=True, help="output metrics JSON")
+    parser.add_argument("--checkpoint-dir", default=None, help="resume checkpoints")
+    args = parse_stage_args(parser, argv)
+    params = args.params
+    start = time.perf_counter()
+
+    if params.get("pretrained"):
+        log.info("loading the pretrained base %s", params["pretrained"])
+        model = build_dit(params)
+        summary = {"steps": 0, "final_loss": float("nan"), "resumed_from": 0}
+    else:
+        data = load_image_dataset(args.train, kind="digits")
+        model = build_dit(params["model"])
+        model, summary = train_denoiser(
+            model, params, data.images, data.labels, args.checkpoint_dir, desc="agd_base"
+        )
+
+    save_dit(model, args.out)
+    metrics = {
+        "final_loss": summary["final_loss"],
+        "steps": summary["steps"],
+        "resumed_from": summary.get("resumed_from", 0),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(args.metrics, metrics)
+    log.info("base: %s", metrics)
+    log_run(
+        paper="agd",
+        rule=args.rule,
+        scale=args.scale,
+        params=params,
+        metrics=metrics,
+        artifacts=[args.metrics],
+    )
+
+
+if __name__ == "__main__":
+    main()

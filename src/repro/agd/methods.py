@@ -1,0 +1,88 @@
+"""The sampling methods AGD compares, built the same way for evaluation,
+figures and the throughput benchmark.
+
+    none          the base, conditional, no guidance          1 NFE per step
+    cfg           the base with classifier-free guidance      2 NFEs per step
+    agd           base + adapters trained on CFG trajectories 1 NFE per step
+    agd_standard  base + adapters trained on standard ones    1 NFE per step
+    gd            the whole model distilled (Meng et al.)     1 NFE per step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from repro.agd.model import AdaptedDiT, load_adapters, load_dit, null_label
+from repro.core.diffusion import (
+    ClassifierFreeGuidance,
+    DistilledGuidance,
+    DiTDenoiser,
+    NoGuidance,
+)
+from repro.core.errors import ReproInputError
+
+GUIDED = ("cfg", "agd", "agd_standard", "gd")
+ADAPTER_METHODS = ("agd", "agd_standard")
+
+
+@dataclass
+class Method:
+    name: str
+    denoiser: torch.nn.Module
+    null: int
+    trainable_params: int
+    base_params: int
+    config: object  # the DiT's config: image shape and number of classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_embeds_ada_norm
+
+    def guidance(self, scale: float):
+        """The guidance strategy of this method at scale w."""
+        if self.name == "none":
+            return NoGuidance()
+        if self.name == "cfg":
+            return ClassifierFreeGuidance(scale, self.null)
+        return DistilledGuidance(scale)
+
+
+def load_method(
+    name: str,
+    checkpoint: str | Path,
+    adapters: str | Path | None = None,
+    gd: str | Path | None = None,
+) -> Method:
+    """Load `name` on the given checkpoint (a diffusers DiT directory)."""
+    if name in ADAPTER_METHODS:
+        if adapters is None:
+            raise ReproInputError(f"method {name} needs --adapters")
+        base = load_dit(checkpoint).eval()
+        model = AdaptedDiT(base, load_adapters(adapters)).eval()
+        counts = model.parameter_counts()
+        return Method(
+            name, model, null_label(base), counts["trainable"], counts["base"], base.config
+        )
+    if name == "gd":
+        if gd is None:
+            raise ReproInputError("method gd needs --gd (the distilled model directory)")
+        from repro.agd.gd import GD_ADAPTERS
+
+        base = load_dit(Path(gd) / "transformer").eval()
+        model = AdaptedDiT(base, load_adapters(Path(gd) / GD_ADAPTERS), train_base=True).eval()
+        counts = model.parameter_counts()
+        return Method(
+            name, model, null_label(base), counts["trainable"], counts["base"], base.config
+        )
+    if name in ("none", "cfg"):
+        base = load_dit(checkpoint).eval()
+        n = sum(p.numel() for p in base.parameters())
+        return Method(name, DiTDenoiser(base).eval(), null_label(base), 0, n, base.config)
+    raise ReproInputError(f"agd.eval.methods: unknown method {name!r}")

@@ -1,0 +1,364 @@
+"""The AGD model: a frozen class-conditional DiT plus guidance-scale-conditioned offset adapters.
+
+Adapter guidance distillation (arXiv 2503.07274) trains small adapters so that one
+forward pass of base+adapters at guidance scale w predicts the classifier-free
+guided eps_u + w (eps_c - eps_u). For DiT the adapters are "offset" adapters: per
+transformer block, an MLP of a shared conditioning c(w, t, y) gives one vector per
+sample that is added to the self-attention output, before the adaLN-zero gate.
+Their last layer is zero-initialised, so at init the adapted model IS the base.
+Only adapter weights are saved; they load onto any checkpoint of the same base
+architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import get_timestep_embedding
+from safetensors import SafetensorError
+from torch import nn
+
+from repro.core.cli import require
+from repro.core.errors import ReproInputError
+from repro.core.io import load_tensors, save_tensors
+
+ADAPTER_KIND = "agd_adapters"
+ARCH_KEYS = (
+    "sample_size",
+    "patch_size",
+    "in_channels",
+    "num_layers",
+    "num_attention_heads",
+    "attention_head_dim",
+    "num_embeds_ada_norm",
+)
+
+# ----------------------------------------------------------------------------- base DiT
+
+
+def build_dit(params: dict) -> DiTTransformer2DModel:
+    """A DiT from `params`: loaded from params["pretrained"] or built from ARCH_KEYS.
+
+    Pretrained: a local directory or hub id, optional "subfolder" and
+    "local_files_only" (default False). Built: no learned sigma (out_channels =
+    in_channels); an optional "seed" makes the random init reproducible.
+    Returned in eval mode (call .train() to get the model's label dropout).
+    """
+    if "pretrained" in params:
+        source, subfolder = params["pretrained"], params.get("subfolder")
+        where = f"{source}/{subfolder}" if subfolder else str(source)
+        return _from_pretrained(
+            source,
+            f"params.pretrained: {where}",
+            subfolder=subfolder,
+            local_files_only=bool(params.get("local_files_only", False)),
+        )
+
+    arch = {key: require(params, key) for key in ARCH_KEYS}
+    for key, value in arch.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ReproInputError(f"params.{key}: expected a positive integer, got {value!r}")
+    if arch["sample_size"] % arch["patch_size"]:
+        raise ReproInputError(
+            f"params.patch_size: {arch['patch_size']} does not divide sample_size {arch['sample_size']}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        if params.get("seed") is not None:
+            torch.manual_seed(int(params["seed"]))
+        model = DiTTransformer2DModel(
+            **arch, out_channels=arch["in_channels"], norm_type="ada_norm_zero"
+        )
+    return model.eval()
+
+
+def _label_embedders(model: DiTTransformer2DModel) -> list[nn.Module]:
+    # Every adaLN-zero block owns a separate LabelEmbedding (and draws its own dropout mask).
+    return [block.norm1.emb.class_embedder for block in model.transformer_blocks]
+
+
+def null_label(model: DiTTransformer2DModel) -> int:
+    """The unconditional class index: diffusers' LabelEmbedding keeps row num_classes for it."""
+    emb = _label_embedders(model)[0]
+    if emb.embedding_table.num_embeddings != emb.num_classes + 1:
+        raise ValueError("null_label: this DiT has no null-class embedding (no CFG training)")
+    return emb.num_classes
+
+
+def set_label_dropout(model: DiTTransformer2DModel, prob: float) -> None:
+    """Set the in-model label dropout used in train mode (diffusers default 0.1).
+
+    diffusers drops labels independently in every block (own torch.rand, global
+    RNG); a trainer that wants one seeded mask per sample sets 0 here and passes
+    p_uncond to repro.core.diffusion.epsilon_loss instead.
+    """
+    for emb in _label_embedders(model):
+        emb.dropout_prob = float(prob)
+
+
+def save_dit(model: DiTTransformer2DModel, out_dir: str | os.PathLike) -> None:
+    """model.save_pretrained into a temp dir beside `out_dir`, then rename it into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old = None
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if out_dir.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent)
+            )
+            os.replace(out_dir, old / "dir")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_dit(path: str | os.PathLike) -> DiTTransformer2DModel:
+    """A DiT saved by save_dit (eval mode); ReproInputError naming `path` if it is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ReproInputError(f"{path}: not a saved DiT (no config.json)")
+    if not (path / "diffusion_pytorch_model.safetensors").is_file():
+        raise ReproInputError(f"{path}: not a saved DiT (no diffusion_pytorch_model.safetensors)")
+    return _from_pretrained(path, str(path), local_files_only=True)
+
+
+def _from_pretrained(source, where: str, **kw) -> DiTTransformer2DModel:
+    """from_pretrained in float32 and eval mode; missing weights are an error, not a warning."""
+    try:
+        model, info = DiTTransformer2DModel.from_pretrained(
+            source, torch_dtype=torch.float32, output_loading_info=True, **kw
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError, json.JSONDecodeError) as err:
+        raise ReproInputError(f"{where}: cannot load a DiTTransformer2DModel ({err})") from err
+    bad = {k: v for k in ("missing_keys", "mismatched_keys") if (v := info.get(k))}
+    if bad:
+        raise ReproInputError(f"{where}: checkpoint does not match its config ({bad})")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class GuidanceEmbedding(nn.Module):
+    """Embed the guidance scale: random Fourier features, then MLP (h -> 4h -> h), LayerNorm.
+
+    The frequencies f ~ N(0,1) and phases phi ~ U(0,1) are fixed buffers drawn
+    from `seed`; w is multiplied by `w_scale` first (the paper uses 1000, like a
+    timestep), so nearby scales get clearly different features.
+    """
+
+    def __init__(
+        self, dim: int, num_fourier: int | None = None, w_scale: float = 1000.0, seed: int = 0
+    ):
+        super().__init__()
+        num_fourier = num_fourier or dim
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("frequencies", torch.randn(num_fourier, generator=gen))
+        self.register_buffer("phases", torch.rand(num_fourier, generator=gen))
+        self.w_scale = float(w_scale)
+        self.mlp = nn.Sequential(
+            nn.Linear(num_fourier, 4 * dim),
+            nn.ReLU(),
+            nn.LayerNorm(4 * dim),
+            nn.Linear(4 * dim, dim),
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        phase = self.frequencies * (w.float() * self.w_scale)[:, None] + self.phases
+        return self.norm(self.mlp(torch.cos(2 * torch.pi * phase)))
+
+
+class AGDAdapters(nn.Module):
+    """A shared conditioning c(w, t, y) and one zero-initialised offset MLP per block.
+
+    hidden_dim is the DiT width D, adapter_dim the adapter width h. The whole init
+    (Fourier buffers and weights) is drawn from `seed`, independent of global RNG.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_blocks: int,
+        adapter_dim: int,
+        num_classes: int,
+        num_fourier: int | None = None,
+        w_scale: float = 1000.0,
+        seed: int = 0,
+        timestep_features: int = 256,
+    ):
+        super().__init__()
+        self._config = {
+            "hidden_dim": int(hidden_dim),
+            "num_blocks": int(num_blocks),
+            "adapter_dim": int(adapter_dim),
+            "num_classes": int(num_classes),
+            "num_fourier": int(num_fourier or adapter_dim),
+            "w_scale": float(w_scale),
+            "seed": int(seed),
+            "timestep_features": int(timestep_features),
+        }
+        self.source: str | None = None  # the file it was loaded from, for error messages
+        h = adapter_dim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.guidance_embed = GuidanceEmbedding(h, num_fourier, w_scale, seed)
+            self.timestep_proj = nn.Linear(timestep_features, h)
+            # num_classes + 1 rows: the last one is the null class, as in the base DiT.
+            self.class_embed = nn.Embedding(num_classes + 1, h)
+            self.offsets = nn.ModuleList(
+                nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.LayerNorm(h), nn.Linear(h, hidden_dim))
+                for _ in range(num_blocks)
+            )
+        for mlp in self.offsets:
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def condition(self, w: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """c = emb(w) + proj(sinusoid(t)) + class_emb(y): [B, h]."""
+        t_feat = get_timestep_embedding(
+            t, self._config["timestep_features"], flip_sin_to_cos=True, downscale_freq_shift=1
+        )
+        t_emb = self.timestep_proj(t_feat.to(self.timestep_proj.weight.dtype))
+        return self.guidance_embed(w) + t_emb + self.class_embed(labels)
+
+    def offset(self, block_index: int, c: torch.Tensor) -> torch.Tensor:
+        """The per-sample vector [B, D] added to block `block_index`'s attention output."""
+        return self.offsets[block_index](c)
+
+
+class AdaptedDiT(nn.Module):
+    """Base DiT + AGD adapters as one denoiser: forward(x, t, labels, w) -> eps.
+
+    The base is frozen unless train_base (the Meng et al. baseline: same w
+    conditioning, the whole model trained). w=None runs the base alone (the
+    adapters are skipped), so the same module also serves CFG sampling.
+    The base is always kept in eval mode: its only train-mode behaviour is label
+    dropout, which a distilled (class- and w-conditioned) model must not see.
+    """
+
+    def __init__(
+        self, base: DiTTransformer2DModel, adapters: AGDAdapters, train_base: bool = False
+    ):
+        super().__init__()
+        _check_compatible(base, adapters)
+        if getattr(base, "_agd_attached", False):
+            raise ValueError("AdaptedDiT: this base already has adapters; detach() them first")
+        self.base = base
+        self.adapters = adapters
+        self.train_base = train_base
+        self._base_requires_grad = [p.requires_grad for p in base.parameters()]
+        base.requires_grad_(train_base)
+        base.eval()
+        # Forward hooks get only (module, args, output), so the conditioning of the
+        # current forward is held here while the base runs, and cleared after.
+        self._cond: torch.Tensor | None = None
+        self._handles = [
+            block.attn1.register_forward_hook(partial(self._add_offset, i))
+            for i, block in enumerate(base.transformer_blocks)
+        ]
+        base._agd_attached = True
+
+    def _add_offset(self, index: int, module, args, output):
+        if self._cond is None:
+            return None  # adapters off: leave attn1's output unchanged
+        # attn1's output is multiplied by the adaLN-zero gate after this hook returns.
+        return output + self.adapters.offset(index, self._cond)[:, None, :].to(output.dtype)
+
+    def forward(self, x, t, labels, w=None):
+        if not self._handles:
+            raise RuntimeError("AdaptedDiT: adapters were detached")
+        if self.base.gradient_checkpointing:
+            # Recomputation in backward would run the hooks after _cond is cleared.
+            raise RuntimeError("AdaptedDiT: gradient checkpointing of the base is not supported")
+        if w is not None:
+            w = torch.as_tensor(w, dtype=torch.float32, device=x.device)
+            w = w.expand(x.shape[0]) if w.ndim == 0 else w
+        self._cond = None if w is None else self.adapters.condition(w, t, labels)
+        try:
+            out = self.base(x, timestep=t, class_labels=labels).sample
+        finally:
+            self._cond = None
+        return out[:, : x.shape[1]]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def detach(self) -> DiTTransformer2DModel:
+        """Remove the hooks and restore requires_grad; return the base for reuse."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for p, flag in zip(self.base.parameters(), self._base_requires_grad, strict=True):
+            p.requires_grad_(flag)
+        self.base._agd_attached = False
+        return self.base
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        base = sum(p.numel() for p in self.base.parameters())
+        adapter = sum(p.numel() for p in self.adapters.parameters())
+        return {
+            "trainable": trainable,
+            "base": base,
+            "adapter": adapter,
+            "fraction": trainable / base,
+        }
+
+
+def _check_compatible(base: DiTTransformer2DModel, adapters: AGDAdapters) -> None:
+    cfg = adapters.config
+    where = adapters.source or "adapters"
+    expected = {
+        "hidden_dim": base.inner_dim,
+        "num_blocks": len(base.transformer_blocks),
+        "num_classes": base.config.num_embeds_ada_norm,
+    }
+    for key, value in expected.items():
+        if cfg[key] != value:
+            raise ReproInputError(
+                f"{where}: adapter config {key}={cfg[key]} does not match the base DiT ({value})"
+            )
+
+
+def save_adapters(
+    path: str | os.PathLike, adapters: AGDAdapters, extra_meta: dict | None = None
+) -> None:
+    """Adapter weights and Fourier buffers only, with the constructor config in the metadata."""
+    meta = {**(extra_meta or {}), "config": adapters.config}
+    save_tensors(path, adapters.state_dict(), kind=ADAPTER_KIND, metadata=meta)
+
+
+def load_adapters(path: str | os.PathLike) -> AGDAdapters:
+    """AGDAdapters from save_adapters' file; ReproInputError naming `path` if it is not one."""
+    tensors, meta = load_tensors(path, kind=ADAPTER_KIND)
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ReproInputError(f"{path}: no adapter config in the metadata")
+    try:
+        adapters = AGDAdapters(**config)
+        adapters.load_state_dict(tensors, strict=True)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ReproInputError(f"{path}: adapter weights do not match their config ({err})") from err
+    adapters.source = str(path)
+    return adapters

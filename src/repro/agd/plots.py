@@ -1,0 +1,149 @@
+"""Stage agd_figures: AGD's figures at this scale.
+
+- FID vs guidance scale per method (mean +- std over seeds), base and derived checkpoint;
+- a sample grid, CFG and AGD from the same initial noise and classes;
+- sampling throughput, CFG vs AGD, against the 2x ceiling.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from repro.agd.methods import load_method  # noqa: E402
+from repro.core.cli import parse_stage_args, stage_parser  # noqa: E402
+from repro.core.diffusion import sample, scheduler_from_params  # noqa: E402
+from repro.core.io import atomic_write  # noqa: E402
+from repro.core.results import read_table  # noqa: E402
+
+STYLE = {
+    "none": dict(color="#9e9e9e", marker="o", label="no guidance (1 NFE)"),
+    "cfg": dict(color="#1f77b4", marker="s", label="CFG (2 NFE)"),
+    "gd": dict(color="#ff7f0e", marker="^", label="GD, whole model (1 NFE)"),
+    "agd_standard": dict(color="#c49c94", marker="v", label="AGD, standard traj. (1 NFE)"),
+    "agd": dict(color="#d62728", marker="D", label="AGD (1 NFE)"),
+}
+
+
+def save_figure(fig, path) -> None:
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def fid_vs_w(table, path) -> None:
+    checkpoints = [c for c in ("base", "derived") if c in set(table.checkpoint)]
+    fig, axes = plt.subplots(
+        1, len(checkpoints), figsize=(5.2 * len(checkpoints), 4), squeeze=False
+    )
+    floor = table[table.method == "real"].fid
+    for ax, ckpt in zip(axes[0], checkpoints, strict=True):
+        rows = table[table.checkpoint == ckpt]
+        scales = sorted(rows[rows.method == "cfg"].guidance_scale.unique())
+        for method, style in STYLE.items():
+            m = rows[rows.method == method]
+            if m.empty:
+                continue
+            stats = m.groupby("guidance_scale").fid.agg(["mean", "std"]).fillna(0)
+            if method == "none":  # one scale: draw it as a band across the grid
+                mu, sd = stats["mean"].iloc[0], stats["std"].iloc[0]
+                ax.axhline(mu, color=style["color"], lw=1.5, label=style["label"])
+                ax.axhspan(mu - sd, mu + sd, color=style["color"], alpha=0.15)
+                continue
+            ax.errorbar(
+                stats.index, stats["mean"], yerr=stats["std"], capsize=3, lw=1.8, ms=5, **style
+            )
+        if len(floor):
+            ax.axhline(floor.mean(), color="k", ls="--", lw=1, label="real train vs test (floor)")
+        ax.set_xticks(scales)
+        ax.set_xlabel("guidance scale w")
+        ax.set_ylabel("FID (classifier features), lower is better")
+        ax.set_title("base model" if ckpt == "base" else "derived checkpoint, base adapters")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, frameon=False)
+    fig.suptitle("AGD: FID vs guidance scale (mean ± std over seeds)")
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def sample_grid(base, adapters, params, path) -> None:
+    classes = params["grid_classes"]
+    per_class, scale = params["grid_per_class"], params["grid_guidance_scale"]
+    scheduler = scheduler_from_params(params["sampler"])
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    panels = {}
+    for name in ("cfg", "agd"):
+        method = load_method(name, base, adapters=adapters)
+        gen = torch.Generator().manual_seed(0)  # the same noise for both
+        result = sample(
+            method.denoiser,
+            scheduler,
+            labels=labels,
+            shape=method.image_shape,
+            steps=params["sampler"]["steps"],
+            guidance=method.guidance(scale),
+            generator=gen,
+        )
+        panels[name] = result.images.clamp(-1, 1)
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.5 * per_class * 2, 0.5 * len(classes) + 1))
+    for ax, (name, images) in zip(axes, panels.items(), strict=True):
+        c, h, w = images.shape[1:]
+        grid = images.reshape(len(classes), per_class, c, h, w)[:, :, 0]
+        grid = grid.permute(0, 2, 1, 3).reshape(len(classes) * h, per_class * w)
+        ax.imshow((grid.numpy() + 1) / 2, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(
+            f"{'CFG (2 NFE/step)' if name == 'cfg' else 'AGD (1 NFE/step)'}, w = {scale:g}"
+        )
+        ax.set_yticks(np.arange(len(classes)) * h + h / 2, [str(k) for k in classes])
+        ax.set_xticks([])
+    fig.suptitle("Same noise, same classes")
+    save_figure(fig, path)
+
+
+def speed(throughput, path) -> None:
+    stats = throughput.groupby("method").images_per_s.agg(["mean", "std"]).fillna(0)
+    order = [m for m in ("cfg", "agd") if m in stats.index]
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    ax.bar(
+        order,
+        stats.loc[order, "mean"],
+        yerr=stats.loc[order, "std"],
+        capsize=4,
+        color=[STYLE[m]["color"] for m in order],
+    )
+    if "cfg" in stats.index:
+        ax.axhline(2 * stats.loc["cfg", "mean"], color="k", ls="--", lw=1, label="2x CFG (ceiling)")
+        ax.legend(frameon=False, fontsize=8)
+    if set(order) == {"cfg", "agd"}:
+        ratio = stats.loc["agd", "mean"] / stats.loc["cfg", "mean"]
+        ax.set_title(f"AGD is {ratio:.2f}x CFG")
+    row = throughput.iloc[0]
+    ax.set_ylabel(f"images / s (batch {row.batch_size}, {row.steps} steps)")
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> None:
+    parser = stage_parser(__doc__)
+    for flag in (
+        "--table",
+        "--throughput",
+        "--base",
+        "--adapters",
+        "--fid-figure",
+        "--samples-figure",
+        "--speed-figure",
+    ):
+        parser.add_argument(flag, required=True)
+    args = parse_stage_args(parser, argv)
+    fid_vs_w(read_table(args.table, required=("method", "checkpoint", "fid")), args.fid_figure)
+    sample_grid(args.base, args.adapters, args.params, args.samples_figure)
+    speed(read_table(args.throughput, required=("method", "images_per_s")), args.speed_figure)
+
+
+if __name__ == "__main__":
+    main()

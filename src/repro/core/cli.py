@@ -1,0 +1,82 @@
+"""The command-line convention every stage shares.
+
+A Snakemake rule calls `python -m repro.<paper>.<stage>` with input/output paths
+and `--params '<json>'` (its config section, quoted by Snakemake), plus
+`--threads`, `--rule` and `--scale`. Running the same command by hand runs the
+same stage: the rule's log starts with the exact command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from repro.core.errors import ReproInputError
+
+log = logging.getLogger("repro")
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with the arguments every stage takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--params",
+        type=_json_arg,
+        default={},
+        help="the rule's config section as JSON, or @path/to/file.json",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--rule", default="manual", help="Snakemake rule name (MLflow tag)")
+    parser.add_argument("--scale", default="tiny", help="config scale (MLflow tag)")
+    return parser
+
+
+def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
+    """Parse, set up logging and torch threads, and echo the command line."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    set_threads(args.threads)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    prog = f"-m {spec.name}" if spec is not None else parser.prog
+    log.info("command: python %s %s", prog, shlex.join(argv))
+    return args
+
+
+def set_threads(threads: int) -> None:
+    """Give torch exactly the cores Snakemake granted this job."""
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def require(params: dict, key: str, section: str = "params"):
+    """params[key], or a ReproInputError naming the missing key."""
+    if key not in params:
+        raise ReproInputError(f"{section}.{key}: missing (got keys {sorted(params)})")
+    return params[key]
+
+
+def _json_arg(text: str) -> dict:
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--params must be a JSON object")
+    return value

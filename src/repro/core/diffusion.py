@@ -1,0 +1,238 @@
+"""One DDPM/DDIM sampler with pluggable guidance, shared by the diffusion papers.
+
+A *denoiser* is any callable `denoiser(x, t, labels, w) -> eps` with
+x: [B,C,H,W] float, t: [B] long, labels: [B] long and w: [B] float or None
+(the guidance scale, only for guidance-distilled models). A *guidance* strategy
+turns a denoiser into the eps that the scheduler steps with, and says how many
+network evaluations (NFEs) that costs per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from repro.core.errors import ReproInputError
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# Keys of a config section that scheduler_from_params reads (all optional).
+SCHEDULER_PARAM_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "clip_sample",
+    "timestep_spacing",
+)
+
+
+def make_scheduler(
+    kind: str = "ddim",
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    **kw,
+) -> DDPMScheduler | DDIMScheduler:
+    """A diffusers DDPM or DDIM scheduler predicting epsilon, without clipping by default.
+
+    Extra keywords (beta_start, beta_end, clip_sample, timestep_spacing, ...) go to
+    the scheduler. DDIM uses set_alpha_to_one=False: the last step lands on
+    alphas_cumprod[0], as in DiT's sampler.
+    """
+    if kind not in SCHEDULERS:
+        raise ReproInputError(f"sampler: unknown sampler {kind!r}; allowed: {sorted(SCHEDULERS)}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ReproInputError(
+            f"beta_schedule: unknown schedule {beta_schedule!r}; allowed: {list(BETA_SCHEDULES)}"
+        )
+    config = {
+        "num_train_timesteps": int(num_train_timesteps),
+        "beta_schedule": beta_schedule,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+    }
+    if kind == "ddim":
+        config["set_alpha_to_one"] = False
+    config.update(kw)
+    return SCHEDULERS[kind](**config)
+
+
+def scheduler_from_params(params: Mapping) -> DDPMScheduler | DDIMScheduler:
+    """make_scheduler from a config section: `sampler` plus any of SCHEDULER_PARAM_KEYS.
+
+    Other keys of the section are ignored (they belong to other parts of the stage).
+    """
+    kw = {k: params[k] for k in SCHEDULER_PARAM_KEYS if k in params}
+    steps = kw.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ReproInputError(f"num_train_timesteps: expected a positive integer, got {steps!r}")
+    return make_scheduler(params.get("sampler", "ddim"), **kw)
+
+
+def q_sample(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Forward noising x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+    return scheduler.add_noise(x0, noise, t)
+
+
+def epsilon_loss(
+    denoiser,
+    scheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    p_uncond: float = 0.0,
+    null_label: int | None = None,
+) -> torch.Tensor:
+    """The DDPM training loss E_t,eps ||eps - eps_theta(x_t, t, y)||^2, t ~ U{0..T-1}.
+
+    If p_uncond > 0, labels are replaced by `null_label` with that probability
+    (classifier-free guidance training), drawn from `generator` so it is seeded.
+    """
+    b = x0.shape[0]
+    device = generator.device
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device
+    )
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    t, noise = t.to(x0.device), noise.to(x0.device)
+    if p_uncond > 0:
+        if null_label is None:
+            raise ValueError("epsilon_loss: p_uncond > 0 needs a null_label")
+        drop = torch.rand(b, generator=generator, device=device).to(x0.device) < p_uncond
+        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    eps = denoiser(q_sample(scheduler, x0, noise, t), t, labels, None)
+    return F.mse_loss(eps, noise)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+class NoGuidance:
+    """The plain conditional (or, with null labels, unconditional) model: 1 NFE."""
+
+    nfe_per_step = 1
+
+    def __call__(self, denoiser, x, t, labels):
+        return denoiser(x, t, labels, None)
+
+
+class ClassifierFreeGuidance:
+    """eps_u + w (eps_c - eps_u), both halves from ONE batched forward: 2 NFEs.
+
+    `scale` is a float or a per-sample tensor [B]; `null_label` is the model's
+    unconditional class index.
+    """
+
+    nfe_per_step = 2
+
+    def __init__(self, scale: float | torch.Tensor, null_label: int):
+        self.scale = scale
+        self.null_label = int(null_label)
+
+    def __call__(self, denoiser, x, t, labels):
+        null = torch.full_like(labels, self.null_label)
+        eps = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), None)
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + _per_sample(self.scale, x) * (eps_c - eps_u)
+
+
+class DistilledGuidance:
+    """A guidance-distilled model that takes w as an input: 1 NFE."""
+
+    nfe_per_step = 1
+
+    def __init__(self, scale: float | torch.Tensor):
+        self.scale = scale
+
+    def __call__(self, denoiser, x, t, labels):
+        w = torch.as_tensor(self.scale, dtype=torch.float32, device=x.device)
+        return denoiser(x, t, labels, w.expand(x.shape[0]) if w.ndim == 0 else w)
+
+
+def _per_sample(scale, x: torch.Tensor):
+    """A float stays a float; a [B] tensor becomes [B,1,1,1] to broadcast over x."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return float(scale)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # [B,C,H,W]
+    nfe_per_image: int  # steps * guidance.nfe_per_step
+    trajectory: dict | None = None  # {"x_t": [S,B,C,H,W], "t": [S], "eps": [S,B,C,H,W]}
+
+
+@torch.no_grad()
+def sample(
+    denoiser,
+    scheduler,
+    *,
+    labels: torch.Tensor,
+    shape: tuple[int, int, int],
+    steps: int,
+    guidance,
+    generator: torch.Generator,
+    record: bool = False,
+    progress: bool = False,
+    eta: float = 0.0,
+    clip: bool = False,
+) -> SampleResult:
+    """Run the reverse process from seeded noise for `steps` scheduler steps.
+
+    With record=True the trajectory holds, for each step, the input x_t, the
+    timestep and the guided eps the scheduler stepped with (the training data of
+    trajectory-based guidance distillation). `eta` applies to DDIM only (DDPM is
+    always stochastic); the DDPM/DDIM noise also comes from `generator`.
+    """
+    b, device = labels.shape[0], labels.device
+    x = torch.randn((b, *shape), generator=generator, device=generator.device).to(device)
+    x = x * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    step_kw = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    xs, ts, epss = [], [], []
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=None if progress else True):
+        t_batch = t.to(device=device, dtype=torch.long).expand(b)
+        eps = guidance(denoiser, x, t_batch, labels)
+        if record:
+            xs.append(x.cpu())
+            ts.append(int(t))
+            epss.append(eps.cpu())
+        x = scheduler.step(eps, t, x, generator=generator, **step_kw).prev_sample
+    trajectory = None
+    if record:
+        trajectory = {
+            "x_t": torch.stack(xs),
+            "t": torch.tensor(ts, dtype=torch.long),
+            "eps": torch.stack(epss),
+        }
+    images = x.clamp(-1, 1) if clip else x
+    return SampleResult(images, steps * guidance.nfe_per_step, trajectory)
+
+
+class DiTDenoiser(nn.Module):
+    """The denoiser protocol for a diffusers DiTTransformer2DModel.
+
+    DiT-XL/2 learns the variance too (2C output channels); only the first C
+    channels (eps) are returned.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, labels, w=None):
+        if w is not None:
+            raise ValueError("DiTDenoiser: a plain DiT takes no guidance scale w (use AdaptedDiT)")
+        out = self.model(x, timestep=t, class_labels=labels).sample
+        return out[:, : x.shape[1]]

@@ -1,0 +1,172 @@
+"""FID and Inception Score with a pluggable feature network.
+
+One implementation serves both scales: at tiny scale the features and logits come
+from the 8x8 DigitClassifier, at paper scale from torchmetrics' Inception-v3. The
+Frechet distance itself is torchmetrics' FrechetInceptionDistance fed with features we
+compute ourselves (its `feature` is an identity module), so the reference statistics
+are accumulated once and kept across calls (`reset_real_features=False`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from repro.core.errors import ReproInputError
+
+FEATURE_NETS = ("digit_classifier", "inception")
+
+
+def inception_score(logits: torch.Tensor, splits: int = 1) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` contiguous chunks.
+
+    1 for constant predictions, the number of classes for confident, uniformly spread ones.
+    """
+    logits = logits.double()
+    log_p = logits.log_softmax(dim=1)
+    scores = []
+    for chunk in log_p.chunk(splits, dim=0):
+        log_marginal = torch.logsumexp(chunk, dim=0) - math.log(chunk.shape[0])  # log p(y)
+        kl = (chunk.exp() * (chunk - log_marginal)).sum(dim=1).mean()
+        scores.append(kl.exp())
+    return float(torch.stack(scores).mean())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), as in torchmetrics (float64)."""
+    from torchmetrics.image.fid import _compute_fid
+
+    as64 = lambda t: torch.as_tensor(t, dtype=torch.float64)  # noqa: E731
+    return float(_compute_fid(as64(mu1), as64(sigma1), as64(mu2), as64(sigma2)))
+
+
+class _Precomputed(nn.Identity):
+    """The `feature` module handed to torchmetrics' FID: its inputs already are features."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+
+class ImageScorer:
+    """FID against a fixed reference set, and the Inception Score, of image batches.
+
+    feature_fn maps images to [N, D] features, logits_fn (optional) to [N, C] class logits.
+    The reference features are computed once, here.
+    """
+
+    def __init__(
+        self,
+        feature_fn: Callable[[torch.Tensor], torch.Tensor],
+        logits_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+        reference_images: torch.Tensor,
+        batch_size: int = 512,
+    ):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        if len(reference_images) < 2:
+            raise ReproInputError(
+                f"reference_images: FID needs at least 2, got {len(reference_images)}"
+            )
+        self.feature_fn = feature_fn
+        self.logits_fn = logits_fn
+        self.batch_size = batch_size
+        ref, _ = self._embed(reference_images, with_logits=False)
+        self.num_reference = len(ref)
+        self.fid = FrechetInceptionDistance(
+            feature=_Precomputed(ref.shape[1]), reset_real_features=False
+        )
+        self.fid.update(ref, real=True)
+
+    @torch.no_grad()
+    def _embed(self, images: torch.Tensor, with_logits: bool):
+        """Features (and logits) in float64, batch by batch; both from the same batch object."""
+        feats, logits = [], []
+        for i in range(0, len(images), self.batch_size):
+            batch = images[i : i + self.batch_size]
+            feats.append(self.feature_fn(batch).double())
+            if with_logits:
+                logits.append(self.logits_fn(batch).double())
+        return torch.cat(feats), (torch.cat(logits) if with_logits else None)
+
+    def score(self, images: torch.Tensor) -> dict:
+        """{"fid", "inception_score" (NaN without logits_fn), "num_images"}."""
+        if len(images) < 2:
+            raise ReproInputError(f"images: FID needs at least 2, got {len(images)}")
+        feats, logits = self._embed(images, with_logits=self.logits_fn is not None)
+        self.fid.reset()  # drops the previous fake statistics, keeps the reference
+        self.fid.update(feats, real=False)
+        fid = float(self.fid.compute())
+        is_ = inception_score(logits) if logits is not None else math.nan
+        return {"fid": fid, "inception_score": is_, "num_images": len(images)}
+
+
+class _InceptionV3:
+    """torchmetrics' FID Inception-v3 (2048-d pool features + logits for IS) on [-1, 1] images.
+
+    One forward pass serves both: the last batch's outputs are kept so that
+    ImageScorer's feature_fn and logits_fn calls on the same batch run the net once.
+    """
+
+    def __init__(self, weights_path: str | None = None):
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=weights_path,
+        )
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] float [N, 1|3, H, W] -> uint8 [N, 3, 299, 299], as torchmetrics expects."""
+        x = (images.float().clamp(-1, 1) + 1) * 127.5
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+        return x.round().clamp(0, 255).to(torch.uint8)
+
+    @torch.no_grad()
+    def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is None or self._last[0] is not images:
+            feats, logits = self.net._torch_fidelity_forward(self.to_uint8_rgb(images))
+            self._last = (images, (feats, logits))
+        return self._last[1]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images)[0]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images)[1]
+
+
+def build_scorer(params: dict, reference_images: torch.Tensor) -> ImageScorer:
+    """An ImageScorer for params["feature_net"]: "digit_classifier" (params["classifier"] =
+    its safetensors file) or "inception" (optional params["inception_weights"] = a local
+    torch-fidelity weights file; otherwise torch-fidelity downloads them)."""
+    net = params.get("feature_net")
+    batch_size = int(params.get("batch_size", 512))
+    if net == "digit_classifier":
+        from repro.core.classifier import load_classifier
+
+        if "classifier" not in params:
+            raise ReproInputError("params.classifier: missing (the digit classifier .safetensors)")
+        model = load_classifier(params["classifier"])
+        return ImageScorer(model.features, model, reference_images, batch_size)
+    if net == "inception":
+        try:
+            inception = _InceptionV3(params.get("inception_weights"))
+        except Exception as err:  # missing torch-fidelity, no network, bad weights file
+            raise ReproInputError(
+                "params.feature_net='inception': cannot load torchmetrics' Inception-v3 "
+                f"weights ({type(err).__name__}: {err}). It needs torch-fidelity and its weights "
+                "(downloaded, or params.inception_weights); use feature_net='digit_classifier' "
+                "offline."
+            ) from err
+        return ImageScorer(inception.features, inception.logits, reference_images, batch_size)
+    raise ReproInputError(f"params.feature_net: {net!r} is not one of {list(FEATURE_NETS)}")

@@ -1,0 +1,184 @@
+"""Tidy result tables and the claims each paper's reproduction checks.
+
+A claim is one sentence from a paper, the number we measured for it (mean ± std
+over seeds), what it is compared with, and a verdict. Every paper writes its
+claims CSV; `merge_claims` gathers them into results/claims.csv.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from repro.core.errors import ReproInputError
+from repro.core.io import atomic_write
+
+VERDICTS = ("holds", "does not hold", "inconclusive")
+CLAIM_COLUMNS = [
+    "paper",
+    "claim",
+    "metric",
+    "measured",
+    "measured_mean",
+    "measured_std",
+    "n",
+    "reference",
+    "verdict",
+]
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write `df` as CSV (no index), atomically."""
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def read_table(path: str | os.PathLike, required: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a CSV written by `write_table`, checking that `required` columns are there."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReproInputError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError as err:
+        raise ReproInputError(f"{path}: empty file, expected a CSV table") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise ReproInputError(f"{path}: not a readable CSV table ({err})") from err
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ReproInputError(f"{path}: missing columns {missing} (has {list(df.columns)})")
+    return df
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1) of the finite-or-infinite values, NaNs dropped.
+
+    One value gives std 0.0; no values (or only NaNs) give (nan, nan).
+    """
+    xs = [float(v) for v in values if not math.isnan(float(v))]
+    if not xs:
+        return math.nan, math.nan
+    mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return mean, 0.0
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    return mean, math.sqrt(var)
+
+
+def verdict_from(holds: bool | None) -> str:
+    """True -> "holds", False -> "does not hold", None -> "inconclusive"."""
+    if holds is None:
+        return "inconclusive"
+    return "holds" if holds else "does not hold"
+
+
+def compare(
+    a_values: Iterable[float],
+    b_values: Iterable[float],
+    better: str,
+    margin: float = 0.0,
+) -> str:
+    """Does method A do at least as well as B? A verdict string.
+
+    `better` is "lower" or "higher". `margin` is a RELATIVE tolerance on B's mean:
+    with better="lower" the claim holds when mean(a) <= mean(b) + margin * |mean(b)|,
+    with better="higher" when mean(a) >= mean(b) - margin * |mean(b)|. So margin=0.05
+    accepts A up to 5% worse than B ("comparable"), and a negative margin demands
+    that A be better by that fraction. "inconclusive" when either side has no
+    (non-NaN) values.
+    """
+    if better not in ("lower", "higher"):
+        raise ValueError(f"compare: better must be 'lower' or 'higher', got {better!r}")
+    mean_a, _ = mean_std(a_values)
+    mean_b, _ = mean_std(b_values)
+    if math.isnan(mean_a) or math.isnan(mean_b):
+        return "inconclusive"
+    slack = margin * abs(mean_b)
+    if better == "lower":
+        return verdict_from(mean_a <= mean_b + slack)
+    return verdict_from(mean_a >= mean_b - slack)
+
+
+@dataclass
+class Claim:
+    """One checked claim of a paper (one row of claims.csv)."""
+
+    paper: str
+    claim: str
+    metric: str
+    measured_mean: float
+    measured_std: float
+    n: int
+    reference: str
+    verdict: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"Claim {self.claim!r}: verdict {self.verdict!r} not in {VERDICTS}")
+
+    @property
+    def measured(self) -> str:
+        """`mean ± std`, the std to 2 significant digits and the mean to the same decimals."""
+        return format_mean_std(self.measured_mean, self.measured_std)
+
+    def row(self) -> dict:
+        row = asdict(self)
+        row["measured"] = self.measured
+        return {c: row[c] for c in CLAIM_COLUMNS}
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    """12.3456, 0.0123 -> "12.346 ± 0.012"; 0.5, 0 -> "0.5 ± 0"; nan -> "nan"."""
+    if not math.isfinite(mean):
+        return str(mean)
+    if not (math.isfinite(std) and std > 0):
+        return f"{mean:.4g} ± {'0' if std == 0 else std}"
+    decimals = 1 - math.floor(math.log10(std))  # two significant digits of std
+    if decimals > 6 or abs(mean) >= 1e6:
+        return f"{mean:.3g} ± {std:.2g}"
+    decimals = max(0, decimals)
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def write_claims(claims: list[Claim], path: str | os.PathLike) -> pd.DataFrame:
+    """Write `claims` as a CSV with CLAIM_COLUMNS; return the table."""
+    df = pd.DataFrame([c.row() for c in claims], columns=CLAIM_COLUMNS)
+    write_table(df, path)
+    return df
+
+
+def merge_claims(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> pd.DataFrame:
+    """Concatenate several papers' claims CSVs into `out` (e.g. results/claims.csv)."""
+    tables = []
+    for path in paths:
+        df = read_table(path, required=CLAIM_COLUMNS)
+        bad = sorted(set(df["verdict"]) - set(VERDICTS))
+        if bad:
+            raise ReproInputError(f"{path}: unknown verdicts {bad} (expected one of {VERDICTS})")
+        tables.append(df[CLAIM_COLUMNS])
+    merged = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=CLAIM_COLUMNS)
+    write_table(merged, out)
+    return merged
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m repro.core.results merge --out results/claims.csv results/claims/*.csv`"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Gather every paper's claims into one table.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="concatenate claim CSVs, validating their columns")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("claims", nargs="+")
+    args = parser.parse_args(argv)
+    merged = merge_claims(args.claims, args.out)
+    print(merged.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Result tables, mean/std, compare() verdicts and the claims CSV."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from repro.core.errors import ReproInputError
+from repro.core.results import (
+    CLAIM_COLUMNS,
+    Claim,
+    compare,
+    format_mean_std,
+    mean_std,
+    merge_claims,
+    read_table,
+    verdict_from,
+    write_claims,
+    write_table,
+)
+
+
+def test_table_round_trip(tmp_path):
+    df = pd.DataFrame(
+        {"method": ["a", "b", "c"], "seed": [0, 1, 2], "fid": [12.5, 0.1 + 0.2, 1e-9]}
+    )
+    path = tmp_path / "sub" / "table.csv"
+    write_table(df, path)
+    assert path.read_text().splitlines()[0] == "method,seed,fid"  # no index column
+    back = read_table(path, required=["method", "fid"])
+    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    assert back["fid"].tolist() == df["fid"].tolist()  # floats round-trip exactly
+    assert [p.name for p in path.parent.iterdir()] == ["table.csv"]  # no temp files left
+
+
+def test_read_table_errors_name_the_file(tmp_path):
+    path = tmp_path / "t.csv"
+    write_table(pd.DataFrame({"a": [1]}), path)
+    with pytest.raises(ReproInputError, match=r"t\.csv.*missing columns \['b', 'c'\]"):
+        read_table(path, required=["a", "b", "c"])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ReproInputError, match="empty.csv"):
+        read_table(empty)
+    bad = tmp_path / "bad.csv"
+    bad.write_text('a,b\n1,"unterminated\n')
+    with pytest.raises(ReproInputError, match="bad.csv"):
+        read_table(bad)
+    with pytest.raises(ReproInputError, match="absent.csv"):
+        read_table(tmp_path / "absent.csv")
+
+
+def test_mean_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std, ddof=1
+    assert mean_std([4.0]) == (4.0, 0.0)
+    assert mean_std([1.0, float("nan"), 3.0]) == (2.0, math.sqrt(2.0))
+    m, s = mean_std([])
+    assert math.isnan(m) and math.isnan(s)
+    m, s = mean_std([float("nan")])
+    assert math.isnan(m) and math.isnan(s)
+
+
+def test_verdict_from():
+    assert verdict_from(True) == "holds"
+    assert verdict_from(False) == "does not hold"
+    assert verdict_from(None) == "inconclusive"
+
+
+@pytest.mark.parametrize(
+    "a, b, better, margin, expected",
+    [
+        ([1.0, 1.2], [2.0, 2.2], "lower", 0.0, "holds"),
+        ([2.0, 2.2], [1.0, 1.2], "lower", 0.0, "does not hold"),
+        ([0.9], [0.8], "higher", 0.0, "holds"),
+        ([0.8], [0.9], "higher", 0.0, "does not hold"),
+        ([1.0], [1.0], "lower", 0.0, "holds"),  # equal counts as "at least as good"
+        ([1.04], [1.0], "lower", 0.05, "holds"),  # within 5% of B
+        ([1.06], [1.0], "lower", 0.05, "does not hold"),
+        ([0.96], [1.0], "higher", 0.05, "holds"),
+        ([0.97], [1.0], "lower", -0.05, "does not hold"),  # must beat B by 5%
+        ([0.94], [1.0], "lower", -0.05, "holds"),
+        ([], [1.0], "lower", 0.0, "inconclusive"),
+        ([1.0], [float("nan")], "higher", 0.0, "inconclusive"),
+    ],
+)
+def test_compare(a, b, better, margin, expected):
+    assert compare(a, b, better, margin) == expected
+
+
+def test_compare_rejects_unknown_direction():
+    with pytest.raises(ValueError, match="better"):
+        compare([1.0], [2.0], "smaller")
+
+
+@pytest.mark.parametrize(
+    "mean, std, text",
+    [
+        (12.3456, 0.0123, "12.346 ± 0.012"),
+        (0.91234, 0.0051, "0.9123 ± 0.0051"),
+        (1234.5, 56.0, "1234 ± 56"),  # 1234.5 rounds half to even
+        (250.0, 1234.0, "250 ± 1234"),
+        (0.5, 0.0, "0.5 ± 0"),
+        (3e-7, 2e-8, "3e-07 ± 2e-08"),
+        (float("nan"), 0.0, "nan"),
+    ],
+)
+def test_format_mean_std(mean, std, text):
+    assert format_mean_std(mean, std) == text
+
+
+def _claim(paper: str, verdict: str = "holds") -> Claim:
+    return Claim(
+        paper=paper,
+        claim="The method lowers FID compared with the baseline.",
+        metric="fid",
+        measured_mean=12.3456,
+        measured_std=0.0123,
+        n=3,
+        reference="baseline 13.1 ± 0.2 (paper: 10.2 vs 11.0)",
+        verdict=verdict,
+    )
+
+
+def test_claim_rejects_unknown_verdict():
+    with pytest.raises(ValueError, match="verdict"):
+        _claim("p", verdict="maybe")
+
+
+def test_claims_csv_columns_and_merge(tmp_path):
+    a, b = tmp_path / "a" / "claims.csv", tmp_path / "b" / "claims.csv"
+    write_claims([_claim("paper_a"), _claim("paper_a", "does not hold")], a)
+    write_claims([_claim("paper_b", "inconclusive")], b)
+    df = read_table(a)
+    assert list(df.columns) == CLAIM_COLUMNS
+    assert df["measured"].tolist() == ["12.346 ± 0.012"] * 2
+    assert df["n"].tolist() == [3, 3]
+
+    merged = merge_claims([a, b], tmp_path / "results" / "claims.csv")
+    back = read_table(tmp_path / "results" / "claims.csv", required=CLAIM_COLUMNS)
+    assert list(back.columns) == CLAIM_COLUMNS
+    assert back["paper"].tolist() == ["paper_a", "paper_a", "paper_b"]
+    assert back["verdict"].tolist() == ["holds", "does not hold", "inconclusive"]
+    assert len(merged) == 3
+
+    bad = tmp_path / "bad.csv"
+    write_table(pd.DataFrame({"paper": ["x"], "claim": ["y"]}), bad)
+    with pytest.raises(ReproInputError, match=r"bad\.csv.*missing columns"):
+        merge_claims([a, bad], tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
