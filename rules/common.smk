@@ -4,42 +4,16 @@ import os
 import shlex
 import sys
 
-from snakemake.utils import validate
+from repro.core.config import validate_config
+from repro.core.errors import ReproInputError
 
-validate(config, os.path.join(workflow.basedir, "schemas", "config.schema.yaml"))
-
-
-def check_config(cfg):
-    """Cross-field checks JSON schema cannot express; each error names its key."""
-    errors = []
-    traj = cfg["agd"]["trajectories"]
-    if traj["w_min"] > traj["w_max"]:
-        errors.append(
-            f"agd.trajectories: w_min ({traj['w_min']}) must be <= w_max ({traj['w_max']})"
-        )
-    for w in cfg["agd"]["eval"]["guidance_scales"]:
-        if not traj["w_min"] <= w <= traj["w_max"]:
-            errors.append(
-                f"agd.eval.guidance_scales: {w} lies outside the trained range "
-                f"agd.trajectories [w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
-            )
-    model = cfg["agd"]["base"]["model"]
-    if model["sample_size"] % model["patch_size"]:
-        errors.append(
-            f"agd.base.model.patch_size: {model['patch_size']} does not divide "
-            f"sample_size {model['sample_size']}"
-        )
-    n_classes = model["num_embeds_ada_norm"]
-    for c in cfg["agd"]["figures"]["grid_classes"]:
-        if c >= n_classes:
-            errors.append(
-                f"agd.figures.grid_classes: class {c} >= num_embeds_ada_norm ({n_classes})"
-            )
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
-
-
-check_config(config)
+# A bad config fails here, before any job runs, naming every offending key.
+try:
+    validate_config(
+        config, os.path.join(workflow.basedir, "schemas", "config.schema.yaml")
+    )
+except ReproInputError as err:
+    raise ValueError(str(err)) from None
 
 SCALE = config["scale"]
 SEEDS = config["seeds"]

@@ -84,15 +84,17 @@ def test_scheduler_kinds():
         make_scheduler("ddim", beta_schedule="cosine-ish")
 
     from_params = scheduler_from_params(
-        {"sampler": "ddpm", "num_train_timesteps": 200, "beta_end": 0.03, "lr": 1e-3}
+        {"kind": "ddpm", "num_train_timesteps": 200, "beta_end": 0.03, "steps": 25}
     )
     assert isinstance(from_params, DDPMScheduler)
     assert from_params.config.num_train_timesteps == 200 and from_params.config.beta_end == 0.03
-    assert isinstance(scheduler_from_params({}), DDIMScheduler)
+    assert isinstance(scheduler_from_params({"kind": "ddim"}), DDIMScheduler)
+    with pytest.raises(ReproInputError, match="sampler.kind"):
+        scheduler_from_params({"steps": 25})
     with pytest.raises(ReproInputError, match="sampler"):
-        scheduler_from_params({"sampler": "heun"})
+        scheduler_from_params({"kind": "heun"})
     with pytest.raises(ReproInputError, match="num_train_timesteps"):
-        scheduler_from_params({"num_train_timesteps": "many"})
+        scheduler_from_params({"kind": "ddim", "num_train_timesteps": "many"})
 
 
 def test_q_sample_matches_closed_form():

@@ -243,6 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     log.info("classifier: test accuracy %.4f", metrics["test_accuracy"])
     save_classifier(args.out, model, metrics)
     write_json(args.metrics, metrics)
+    from repro.core.tracking import log_run
+
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    log_run(
+        paper="core",
+        rule=args.rule,
+        scale=args.scale,
+        params=args.params,
+        metrics=scalars,
+        artifacts=[args.metrics],
+    )
 
 
 if __name__ == "__main__":

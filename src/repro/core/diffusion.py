@@ -64,15 +64,20 @@ def make_scheduler(
 
 
 def scheduler_from_params(params: Mapping) -> DDPMScheduler | DDIMScheduler:
-    """make_scheduler from a config section: `sampler` plus any of SCHEDULER_PARAM_KEYS.
+    """make_scheduler from the config's sampler section: `kind` plus any of SCHEDULER_PARAM_KEYS.
 
-    Other keys of the section are ignored (they belong to other parts of the stage).
+    `kind` is required: a silent default would hide a typo in the config. Other keys of
+    the section (such as the number of sampling `steps`) are ignored here.
     """
+    if "kind" not in params:
+        raise ReproInputError(
+            f"sampler.kind: missing (one of {sorted(SCHEDULERS)}); got keys {sorted(params)}"
+        )
     kw = {k: params[k] for k in SCHEDULER_PARAM_KEYS if k in params}
     steps = kw.get("num_train_timesteps", 1000)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ReproInputError(f"num_train_timesteps: expected a positive integer, got {steps!r}")
-    return make_scheduler(params.get("sampler", "ddim"), **kw)
+    return make_scheduler(params["kind"], **kw)
 
 
 def q_sample(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, object]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ReproInputError(f"{path}: not a readable safetensors file ({err})") from err
+        raise ReproInputError(
+            f"{path}: truncated, corrupt or not a safetensors file ({err})"
+        ) from err
     meta: dict[str, object] = {}
     for key, value in raw.items():
         if key in ("repro_kind", "format_version"):

@@ -1,0 +1,333 @@
+"""The AGD stages run as the rules run them: trajectories, distillation (with a
+real kill and resume), the paper-scale loading path, bad input, claims."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from repro.agd import base, distill, trajectories
+from repro.agd.claims import build_claims
+from repro.agd.methods import load_method
+from repro.agd.model import build_dit, load_adapters, load_dit, save_dit
+from repro.core.config import load_yaml, merge
+from repro.core.diffusion import ClassifierFreeGuidance, DiTDenoiser, scheduler_from_params
+from repro.core.errors import ReproInputError
+from repro.core.io import save_tensors
+from repro.core.training import TrainingDivergedError
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLER = {"kind": "ddim", "num_train_timesteps": 1000, "beta_schedule": "linear", "steps": 4}
+ARCH = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=1,
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_embeds_ada_norm=10,
+)
+TRAJ = dict(
+    per_class=1, w_min=1.0, w_max=6.0, shard_size=16, batch_size=10, seed=0, sampler=SAMPLER
+)
+DISTILL = dict(
+    adapter_dim=8,
+    steps=30,
+    batch_size=16,
+    lr=1e-3,
+    weight_decay=0.0,
+    warmup_fraction=0.1,
+    checkpoint_every=10,
+    seed=0,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow(monkeypatch):
+    monkeypatch.setenv("REPRO_MLFLOW", "0")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny base model, digits-like training data and CFG trajectories."""
+    root = tmp_path_factory.mktemp("agd")
+    torch.manual_seed(0)
+    save_dit(build_dit(ARCH), root / "base")
+    images = torch.rand(40, 1, 8, 8) * 2 - 1
+    labels = torch.arange(40) % 10
+    save_tensors(root / "train.safetensors", {"images": images, "labels": labels}, kind="digits")
+    os.environ["REPRO_MLFLOW"] = "0"
+    for kind in ("cfg", "standard"):
+        trajectories.main(
+            [
+                "--kind",
+                kind,
+                "--base",
+                str(root / "base"),
+                "--train",
+                str(root / "train.safetensors"),
+                "--out",
+                str(root / kind),
+                "--params",
+                json.dumps(TRAJ),
+            ]
+        )
+    return root
+
+
+def test_cfg_trajectories_store_every_step_with_guided_targets(workdir):
+    data = trajectories.load_trajectories(workdir / "cfg")
+    n_traj, steps = 10 * TRAJ["per_class"], SAMPLER["steps"]
+    assert len(data["t"]) == n_traj * steps
+    assert ((data["w"] >= 1.0) & (data["w"] <= 6.0)).all()
+    assert len(list((workdir / "cfg").glob("shard_*.safetensors"))) == 3  # 40 samples / 16
+    # eps is the CFG-guided eps of the base at the stored x_t.
+    model = load_dit(workdir / "base")
+    i = torch.arange(0, len(data["t"]), 7)
+    eps = ClassifierFreeGuidance(data["w"][i], 10)(
+        DiTDenoiser(model), data["x_t"][i], data["t"][i], data["labels"][i]
+    )
+    torch.testing.assert_close(eps, data["eps"][i], rtol=1e-4, atol=1e-5)
+
+
+def test_standard_trajectories_share_timesteps_and_targets_form(workdir):
+    cfg, std = (trajectories.load_trajectories(workdir / k) for k in ("cfg", "standard"))
+    assert len(std["t"]) == len(cfg["t"])
+    assert set(std["t"].tolist()) == set(cfg["t"].tolist())
+    model = load_dit(workdir / "base")
+    i = torch.arange(0, len(std["t"]), 5)
+    eps = ClassifierFreeGuidance(std["w"][i], 10)(
+        DiTDenoiser(model), std["x_t"][i], std["t"][i], std["labels"][i]
+    )
+    torch.testing.assert_close(eps, std["eps"][i], rtol=1e-4, atol=1e-5)
+
+
+def test_truncated_shard_names_the_file(workdir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cfg"
+    shutil.copytree(workdir / "cfg", copy)
+    shard = copy / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:300])
+    with pytest.raises(ReproInputError, match="shard_00001.safetensors"):
+        trajectories.load_trajectories(copy)
+
+
+def test_foreign_shard_names_the_file(workdir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "cfg"
+    shutil.copytree(workdir / "cfg", copy)
+    shutil.copy(workdir / "train.safetensors", copy / "shard_00000.safetensors")
+    with pytest.raises(ReproInputError, match=r"shard_00000.safetensors.*agd_trajectory_shard"):
+        trajectories.load_trajectories(copy)
+
+
+def test_foreign_adapters_and_broken_model_name_the_file(workdir, tmp_path):
+    with pytest.raises(ReproInputError, match="train.safetensors"):
+        load_adapters(workdir / "train.safetensors")
+    broken = tmp_path / "base"
+    save_dit(load_dit(workdir / "base"), broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ReproInputError, match=str(broken)):
+        load_dit(broken)
+
+
+def run_distill(workdir, out, params, checkpoints):
+    distill.main(
+        [
+            "--base",
+            str(workdir / "base"),
+            "--trajectories",
+            str(workdir / "cfg"),
+            "--out",
+            str(out / "adapters.safetensors"),
+            "--metrics",
+            str(out / "metrics.json"),
+            "--checkpoint-dir",
+            str(checkpoints),
+            "--params",
+            json.dumps(params),
+        ]
+    )
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_distill_trains_adapters_only_and_they_load(workdir, tmp_path):
+    metrics = run_distill(workdir, tmp_path, DISTILL, tmp_path / "ckpt")
+    assert metrics["steps"] == DISTILL["steps"]
+    assert 0 < metrics["trainable_fraction"] < 1
+    method = load_method("agd", workdir / "base", adapters=tmp_path / "adapters.safetensors")
+    assert method.trainable_params == metrics["trainable_params"]
+    assert method.guidance(3.0).nfe_per_step == 1
+    assert load_method("cfg", workdir / "base").guidance(3.0).nfe_per_step == 2
+
+
+def test_nan_loss_stops_training_with_a_clear_message(workdir, tmp_path):
+    data = trajectories.load_trajectories(workdir / "cfg")
+    data["eps"][:] = float("nan")
+    trajectories.write_shards(tmp_path / "nan", data, 64, {"kind": "cfg"})
+    with pytest.raises(TrainingDivergedError, match=r"agd_distill.*step"):
+        distill.main(
+            [
+                "--base",
+                str(workdir / "base"),
+                "--trajectories",
+                str(tmp_path / "nan"),
+                "--out",
+                str(tmp_path / "a.safetensors"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+                "--params",
+                json.dumps(DISTILL),
+            ]
+        )
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_killed_distill_resumes_to_the_same_result(workdir, tmp_path):
+    """SIGKILL a real `python -m repro.agd.distill` after a checkpoint, rerun, compare."""
+    params = {**DISTILL, "steps": 300, "checkpoint_every": 20, "batch_size": 32}
+    reference = run_distill(workdir, tmp_path, params, tmp_path / "ckpt_ref")
+    ref_weights = load_file(str(tmp_path / "adapters.safetensors"))
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    checkpoints = out / "ckpt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "repro.agd.distill",
+        "--base",
+        str(workdir / "base"),
+        "--trajectories",
+        str(workdir / "cfg"),
+        "--out",
+        str(out / "adapters.safetensors"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--params",
+        json.dumps(params),
+    ]
+    env = {**os.environ, "REPRO_MLFLOW": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoints / "latest").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (checkpoints / "latest").exists(), "no checkpoint was written before the deadline"
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["resumed_from"] > 0
+    assert resumed["final_loss"] == reference["final_loss"]
+    weights = load_file(str(out / "adapters.safetensors"))
+    for key, value in ref_weights.items():
+        assert torch.equal(weights[key], value), key
+
+
+def test_paper_scale_loads_a_hub_style_checkpoint(tmp_path):
+    """configs/paper.yaml's agd.base section, pointed at a tiny local 'hub' checkpoint."""
+    hub = tmp_path / "hub"
+    torch.manual_seed(1)
+    original = build_dit(ARCH)
+    original.save_pretrained(hub / "transformer", safe_serialization=True)
+    cfg = merge(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "configs/paper.yaml"))
+    params = {
+        **cfg["agd"]["base"],
+        "pretrained": str(hub),
+        "local_files_only": True,
+        "sampler": cfg["agd"]["sampler"],
+    }
+    assert params["subfolder"] == "transformer"
+    base.main(
+        [
+            "--train",
+            str(tmp_path / "unused"),
+            "--out",
+            str(tmp_path / "base"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--params",
+            json.dumps(params),
+        ]
+    )
+    loaded = load_dit(tmp_path / "base")
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, timestep=t, class_labels=y).sample,
+            original.eval()(x, timestep=t, class_labels=y).sample,
+        )
+    scheduler = scheduler_from_params(cfg["agd"]["sampler"])
+    assert type(scheduler).__name__ == "DDPMScheduler"
+
+
+def claims_table(agd_fid, cfg_fid, std_fid, gd_fid, derived_agd, derived_cfg, fraction=0.02):
+    rows = []
+    for seed in (0, 1, 2):
+        for w in (1.5, 3.0):
+            for method, ckpt, fid, nfe in [
+                ("cfg", "base", cfg_fid, 20),
+                ("agd", "base", agd_fid, 10),
+                ("agd_standard", "base", std_fid, 10),
+                ("gd", "base", gd_fid, 10),
+                ("cfg", "derived", derived_cfg, 20),
+                ("agd", "derived", derived_agd, 10),
+            ]:
+                trainable = int(fraction * 1000) if method.startswith("agd") else 0
+                rows.append(
+                    dict(
+                        method=method,
+                        checkpoint=ckpt,
+                        guidance_scale=w,
+                        steps=10,
+                        nfe=nfe,
+                        seed=seed,
+                        fid=fid + 0.1 * seed,
+                        inception_score=5.0,
+                        images_per_s=100.0,
+                        trainable_params=trainable,
+                        base_params=1000,
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def throughput(agd, cfg):
+    return pd.DataFrame(
+        [
+            dict(method=m, repeat=r, images_per_s=v)
+            for r in range(3)
+            for m, v in (("agd", agd), ("cfg", cfg))
+        ]
+    )
+
+
+def test_claims_follow_the_numbers():
+    good = build_claims(claims_table(10, 10.2, 12, 11, 15, 15.3), throughput(195, 100))
+    assert [c.verdict for c in good] == ["holds"] * 6
+    bad = build_claims(claims_table(14, 10, 12, 11, 20, 15, fraction=0.2), throughput(150, 100))
+    assert [c.verdict for c in bad] == ["does not hold"] * 6
+    assert bad[0].n == 3 and bad[0].measured_mean == pytest.approx(
+        np.mean([14 / 10, 14.1 / 10.1, 14.2 / 10.2])
+    )
+    none = build_claims(claims_table(10, 10, 10, 10, 10, 10).iloc[0:0], throughput(1, 1).iloc[0:0])
+    assert {c.verdict for c in none} == {"inconclusive"}
+
+
+import numpy as np  # noqa: E402

@@ -1,0 +1,187 @@
+"""The whole smoke-scale DAG, run the way a user runs it, in a temporary copy.
+
+One module-scoped run (`dvc repro`, which calls Snakemake for the data and AGD
+targets, then `snakemake` for the rest) feeds every check below: the table,
+the claims, the figures, MLflow runs, the report, a no-op rerun, DVC push and
+pull into a fresh clone, and last (it breaks an input) a failing rule.
+"""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from repro.agd.table import COLUMNS
+from repro.core.config import load_yaml, merge
+from repro.core.results import CLAIM_COLUMNS, VERDICTS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["--configfile", "configs/smoke.yaml"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, env, timeout=900, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def project_files():
+    """What a clone of the repository holds: tracked and untracked-not-ignored files."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    parent = tmp_path_factory.mktemp("smoke")
+    repo = parent / "repo"
+    for rel in project_files():
+        dest = repo / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+        "REPRO_SNAKEMAKE_ARGS": " ".join(SMOKE),
+        "REPRO_MLFLOW": "1",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run(["git", "init", "-q", "-b", "main"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "snapshot"], repo, env)
+    run(["dvc", "repro"], repo, env)
+    run(["snakemake", "--cores", "2", *SMOKE], repo, env)
+    config = merge(load_yaml(repo / "config.yaml"), load_yaml(repo / "configs/smoke.yaml"))
+    return {"repo": repo, "parent": parent, "env": env, "config": config}
+
+
+def test_headline_table(smoke):
+    table = pd.read_csv(smoke["repo"] / "results/agd_fid.csv")
+    cfg = smoke["config"]["agd"]
+    assert list(table.columns) == COLUMNS
+    methods = table.groupby("checkpoint").method.unique().apply(set).to_dict()
+    assert methods == {
+        "base": set(cfg["eval"]["methods"]),
+        "derived": set(cfg["eval"]["transfer_methods"]),
+        "data": {"real"},
+    }
+    assert set(table.seed) == set(smoke["config"]["seeds"])
+    steps = cfg["sampler"]["steps"]
+    guided = table[table.method.isin(["cfg", "agd", "gd"])]
+    assert set(guided.guidance_scale) == set(cfg["eval"]["guidance_scales"])
+    nfe = table.groupby("method").nfe.unique().apply(set).to_dict()
+    assert nfe["cfg"] == {2 * steps} and nfe["agd"] == {steps} and nfe["gd"] == {steps}
+    assert (table.fid > 0).all() and table.fid.notna().all()
+    agd = table[table.method == "agd"]
+    assert (agd.trainable_params > 0).all() and (agd.trainable_params < agd.base_params).all()
+
+
+def test_claims_are_computed_for_agd(smoke):
+    claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
+    assert list(claims.columns) == list(CLAIM_COLUMNS)
+    agd = claims[claims.paper == "AGD"]
+    assert len(agd) == 6
+    assert set(agd.verdict) <= set(VERDICTS)
+    assert agd.measured.str.contains("±").all()
+
+
+def test_figures_are_pngs(smoke):
+    for name in ("agd_fid_vs_w", "agd_samples", "agd_speed"):
+        path = smoke["repo"] / f"results/figures/{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 10_000
+
+
+def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
+    db = sqlite3.connect(smoke["repo"] / "mlflow.db")
+    rows = db.execute(
+        "SELECT t.value, COUNT(*) FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+        "WHERE t.key = 'rule' GROUP BY t.value"
+    ).fetchall()
+    counts = dict(rows)
+    seeds = len(smoke["config"]["seeds"])
+    cfg = smoke["config"]["agd"]["eval"]
+    assert counts == {
+        "digit_classifier": 1,
+        "agd_base": 1,
+        "agd_distill": 2 * seeds,
+        "agd_gd": seeds,
+        "agd_transfer": 1,
+        "agd_eval": 1 + len(cfg["methods"]) + len(cfg["transfer_methods"]),
+    }
+    scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
+    assert scales == [("smoke",)]
+    commits = {v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'git_commit'")}
+    assert "unknown" not in commits and all(len(c) == 40 for c in commits)
+
+
+def test_rerun_has_nothing_to_do(smoke):
+    proc = run(["snakemake", "-n", "--cores", "2", *SMOKE], smoke["repo"], smoke["env"])
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_report_shows_the_figures(smoke):
+    repo = smoke["repo"]
+    run(
+        ["snakemake", "--cores", "1", "--report", "results/report.html", *SMOKE], repo, smoke["env"]
+    )
+    html = (repo / "results/report.html").read_text(errors="ignore")
+    for needle in ("agd_fid_vs_w.png", "agd_samples.png", "agd_speed.png", "claims.csv"):
+        assert needle in html
+
+
+def test_dvc_metrics_push_and_pull_into_a_fresh_clone(smoke):
+    repo, parent, env = smoke["repo"], smoke["parent"], smoke["env"]
+    metrics = run(["dvc", "metrics", "show"], repo, env).stdout
+    assert "results/agd_metrics.json" in metrics and "base/agd.fid" in metrics
+    status = run(["dvc", "status"], repo, env).stdout.lower()
+    assert "up to date" in status, status
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "results"], repo, env)
+    run(["dvc", "push"], repo, env)
+    assert (parent / "repro-dvc-remote").is_dir()
+    clone = parent / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], parent, env)
+    run(["dvc", "pull"], clone, env)
+    for rel in ("results/agd_fid.csv", "results/claims/agd.csv", "data/digits/train.safetensors"):
+        assert (clone / rel).read_bytes() == (repo / rel).read_bytes(), rel
+
+
+def test_corrupt_input_fails_the_rule_naming_the_file(smoke):
+    """Runs last: it breaks a trajectory shard in the smoke workdir."""
+    repo, env = smoke["repo"], smoke["env"]
+    shard = repo / "data/agd/trajectories/cfg/shard_00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    target = "models/agd/adapters/cfg_s0.safetensors"
+    proc = run(
+        ["snakemake", "--cores", "1", target, "--forcerun", "agd_distill", *SMOKE],
+        repo,
+        env,
+        check=False,
+    )
+    assert proc.returncode != 0
+    log = (repo / "logs/agd/distill_cfg_s0.log").read_text()
+    assert "shard_00000.safetensors" in log and "truncated" in log
+    assert not (repo / target).exists()
