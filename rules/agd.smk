@@ -22,7 +22,7 @@ rule agd_base:
         "benchmarks/rules/agd/base.tsv"
     conda:
         "../envs/agd.yaml"
-    threads: THREADS
+    threads: BASE_THREADS
     resources:
         mem_mb=4000,
         runtime=60,
@@ -171,7 +171,7 @@ rule agd_eval:
         "benchmarks/rules/agd/eval_{agd_checkpoint}_{agd_method}.tsv"
     conda:
         "../envs/agd.yaml"
-    threads: 1
+    threads: THREADS
     resources:
         mem_mb=3000,
         runtime=60,
@@ -275,7 +275,7 @@ rule agd_figures:
         "benchmarks/rules/agd/figures.tsv"
     conda:
         "../envs/agd.yaml"
-    threads: 1
+    threads: THREADS
     resources:
         mem_mb=2000,
         runtime=10,

@@ -17,7 +17,8 @@ except ReproInputError as err:
 
 SCALE = config["scale"]
 SEEDS = config["seeds"]
-THREADS = config["max_threads"]
+THREADS = config["threads"]["default"]
+BASE_THREADS = config["threads"]["base"]
 
 # Every stage runs as `python -m repro.<paper>.<stage>` with the Python that runs
 # Snakemake (the package is installed in it: `make setup` or `pip install -e .`).

@@ -12,7 +12,7 @@ rule digits:
     benchmark:
         "benchmarks/rules/data/digits.tsv"
     conda:
-        "../envs/agd.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -36,7 +36,7 @@ rule glyphs:
     benchmark:
         "benchmarks/rules/data/glyphs.tsv"
     conda:
-        "../envs/agd.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -64,7 +64,7 @@ rule digit_classifier:
     benchmark:
         "benchmarks/rules/core/digit_classifier.tsv"
     conda:
-        "../envs/agd.yaml"
+        "../envs/core.yaml"
     # A small CNN on small batches: a second thread only adds contention.
     threads: 1
     resources:

@@ -15,7 +15,7 @@ rule claims:
     benchmark:
         "benchmarks/rules/report/claims.tsv"
     conda:
-        "../envs/agd.yaml"
+        "../envs/core.yaml"
     threads: 1
     resources:
         mem_mb=500,

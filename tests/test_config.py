@@ -54,7 +54,7 @@ BAD = [
     ("agd.eval.feature_net", "clip", ["agd.eval.feature_net", "'digit_classifier'"]),
     ("data.digits.val_fraction", 0.9, ["data.digits.val_fraction", "maximum"]),
     ("agd.figures.grid_classes", [0, 12], ["agd.figures.grid_classes", "12"]),
-    ("max_threads", 1.5, ["max_threads", "not of type 'integer'"]),
+    ("threads.default", 1.5, ["threads.default", "not of type 'integer'"]),
 ]
 
 

@@ -69,6 +69,17 @@ def fid_vs_w(table, path) -> None:
     save_figure(fig, path)
 
 
+def tile(images: torch.Tensor, rows: int, cols: int, gap: int = 1) -> np.ndarray:
+    """Images [rows*cols, 1, h, w] in [-1, 1] -> one array in [0, 1] with grey gaps."""
+    h, w = images.shape[-2:]
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), 0.5)
+    pixels = ((images[:, 0] + 1) / 2).numpy()
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = pixels[k]
+    return grid
+
+
 @torch.no_grad()
 def sample_grid(base, adapters, params, path) -> None:
     classes = params["grid_classes"]
@@ -76,7 +87,7 @@ def sample_grid(base, adapters, params, path) -> None:
     scheduler = scheduler_from_params(params["sampler"])
     labels = torch.tensor(classes).repeat_interleave(per_class)
     panels = {}
-    for name in ("cfg", "agd"):
+    for name in ("none", "cfg", "agd"):
         method = load_method(name, base, adapters=adapters)
         gen = torch.Generator().manual_seed(0)  # the same noise for both
         result = sample(
@@ -89,18 +100,23 @@ def sample_grid(base, adapters, params, path) -> None:
             generator=gen,
         )
         panels[name] = result.images.clamp(-1, 1)
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.5 * per_class * 2, 0.5 * len(classes) + 1))
+    width = max(7.5, 1.0 + 0.55 * per_class * 3)
+    fig, axes = plt.subplots(1, 3, figsize=(width, 0.55 * len(classes) + 1.2))
+    titles = {
+        "none": "no guidance\n1 forward pass / step",
+        "cfg": "CFG\n2 forward passes / step",
+        "agd": "AGD\n1 forward pass / step",
+    }
     for ax, (name, images) in zip(axes, panels.items(), strict=True):
-        c, h, w = images.shape[1:]
-        grid = images.reshape(len(classes), per_class, c, h, w)[:, :, 0]
-        grid = grid.permute(0, 2, 1, 3).reshape(len(classes) * h, per_class * w)
-        ax.imshow((grid.numpy() + 1) / 2, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(
-            f"{'CFG (2 NFE/step)' if name == 'cfg' else 'AGD (1 NFE/step)'}, w = {scale:g}"
-        )
-        ax.set_yticks(np.arange(len(classes)) * h + h / 2, [str(k) for k in classes])
+        grid = tile(images, rows=len(classes), cols=per_class)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(titles[name], fontsize=10)
+        h = images.shape[-2] + 1
+        ax.set_yticks(np.arange(len(classes)) * h + h / 2 - 0.5, [str(k) for k in classes])
         ax.set_xticks([])
-    fig.suptitle("Same noise, same classes")
+        ax.set_ylabel("class" if name == "none" else "")
+    fig.suptitle(f"Same noise, same classes, w = {scale:g}")
+    fig.tight_layout()
     save_figure(fig, path)
 
 
