@@ -187,6 +187,8 @@ def test_nan_loss_stops_training_with_a_clear_message(workdir, tmp_path):
                 str(tmp_path / "a.safetensors"),
                 "--metrics",
                 str(tmp_path / "m.json"),
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
                 "--params",
                 json.dumps(DISTILL),
             ]
@@ -224,11 +226,11 @@ def test_killed_distill_resumes_to_the_same_result(workdir, tmp_path):
     env = {**os.environ, "REPRO_MLFLOW": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (checkpoints / "latest").exists():
+    while time.time() < deadline and not list(checkpoints.glob("*/latest")):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (checkpoints / "latest").exists(), "no checkpoint was written before the deadline"
+    assert list(checkpoints.glob("*/latest")), "no checkpoint was written before the deadline"
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
 
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
@@ -262,6 +264,8 @@ def test_paper_scale_loads_a_hub_style_checkpoint(tmp_path):
             str(tmp_path / "base"),
             "--metrics",
             str(tmp_path / "m.json"),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
             "--params",
             json.dumps(params),
         ]
@@ -331,3 +335,15 @@ def test_claims_follow_the_numbers():
 
 
 import numpy as np  # noqa: E402
+
+
+def test_checkpoints_resume_only_the_same_run(tmp_path):
+    from repro.core.checkpoint import run_directory
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"x" * 10)
+    first = run_directory(tmp_path / "ckpt", {"lr": 1e-3}, [data])
+    assert first == run_directory(tmp_path / "ckpt", {"lr": 1e-3}, [data])
+    assert first != run_directory(tmp_path / "ckpt", {"lr": 2e-3}, [data])
+    data.write_bytes(b"y" * 11)  # regenerated input
+    assert first != run_directory(tmp_path / "ckpt", {"lr": 1e-3}, [data])

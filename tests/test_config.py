@@ -117,3 +117,65 @@ def test_config_cli(tmp_path):
         timeout=60,
     )
     assert proc.returncode != 0 and str(missing) in proc.stderr
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--lint",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "-d",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_paper_plan_asks_for_a_gpu_in_every_gpu_rule(tmp_path):
+    """A dry run at paper scale: the model rules declare gpu=1."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--cores",
+            "8",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "results/agd_fid.csv",
+            "--configfile",
+            str(ROOT / "configs/paper.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    jobs = out.split("\nrule ")[1:]
+    gpu_rules = {
+        "agd_base",
+        "agd_trajectories",
+        "agd_distill",
+        "agd_gd",
+        "agd_transfer",
+        "agd_eval",
+    }
+    seen = set()
+    for job in jobs:
+        name = job.split(":", 1)[0].strip()
+        if name in gpu_rules:
+            seen.add(name)
+            assert "gpu=1" in job, f"{name} does not ask for a GPU:\n{job}"
+    assert seen == gpu_rules

@@ -19,6 +19,7 @@ import time
 import torch
 
 from repro.agd.model import build_dit, null_label, save_dit, set_label_dropout
+from repro.core.checkpoint import run_directory
 from repro.core.cli import parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train", required=True, help="digits train split (safetensors)")
     parser.add_argument("--out", required=True, help="output directory (diffusers format)")
     parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", default=None, help="resume checkpoints")
+    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
     args = parse_stage_args(parser, argv)
     params = args.params
     start = time.perf_counter()
@@ -92,8 +93,9 @@ def main(argv=None) -> None:
     else:
         data = load_image_dataset(args.train, kind="digits")
         model = build_dit(params["model"])
+        checkpoints = run_directory(args.checkpoint_dir, params, [args.train])
         model, summary = train_denoiser(
-            model, params, data.images, data.labels, args.checkpoint_dir, desc="agd_base"
+            model, params, data.images, data.labels, checkpoints, desc="agd_base"
         )
 
     save_dit(model, args.out)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from repro.agd.model import AdaptedDiT, AGDAdapters, load_dit, save_adapters
 from repro.agd.trajectories import load_trajectories
+from repro.core.checkpoint import run_directory
 from repro.core.cli import parse_stage_args, stage_parser
 from repro.core.io import write_json
 from repro.core.tracking import log_run
@@ -77,7 +78,8 @@ def run(args, train_base: bool, desc: str):
     data = load_trajectories(args.trajectories)
     adapters = adapters_for(base, params["adapter_dim"], params["seed"])
     student = AdaptedDiT(base, adapters, train_base=train_base)
-    summary = distill(student, data, params, args.checkpoint_dir, desc)
+    checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.trajectories])
+    summary = distill(student, data, params, checkpoints, desc)
     counts = student.parameter_counts()
     metrics = {
         "final_loss": summary["final_loss"],
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--trajectories", required=True, help="trajectory shard directory")
     parser.add_argument("--out", required=True, help="output adapters (safetensors)")
     parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", default=None, help="resume checkpoints")
+    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
     args = parse_stage_args(parser, argv)
     student, metrics = run(args, train_base=False, desc="agd_distill")
     save_adapters(args.out, student.adapters, extra_meta={"metrics": metrics})

@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--trajectories", required=True, help="standard trajectory directory")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", default=None, help="resume checkpoints")
+    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
     args = parse_stage_args(parser, argv)
     student, metrics = run(args, train_base=True, desc="agd_gd")
     student.detach()

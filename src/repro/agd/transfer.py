@@ -16,6 +16,7 @@ import time
 
 from repro.agd.base import train_denoiser
 from repro.agd.model import load_dit, save_dit
+from repro.core.checkpoint import run_directory
 from repro.core.cli import parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.errors import ReproInputError
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="fine-tuning images (safetensors)")
     parser.add_argument("--out", required=True, help="output directory (diffusers format)")
     parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", default=None, help="resume checkpoints")
+    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
     args = parse_stage_args(parser, argv)
     params = args.params
     start = time.perf_counter()
@@ -44,8 +45,9 @@ def main(argv=None) -> None:
             f"{args.data}: images of shape {tuple(data.images.shape[1:])}, "
             f"the base expects {expected}"
         )
+    checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.data])
     model, summary = train_denoiser(
-        model, params, data.images, data.labels, args.checkpoint_dir, desc="agd_transfer"
+        model, params, data.images, data.labels, checkpoints, desc="agd_transfer"
     )
     save_dit(model, args.out)
     metrics = {

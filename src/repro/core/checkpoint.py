@@ -24,11 +24,14 @@ torch optimizer (AdamW: step, exp_avg, exp_avg_sq per parameter; SGD: momentum).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -347,3 +350,24 @@ def _load_rng(directory: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
     elif cuda:
         log.warning("%s: CUDA RNG state not restored (device count differs)", directory)
+
+
+def run_directory(
+    root: str | os.PathLike, params: Mapping, inputs: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """The checkpoint directory of one run: root/<fingerprint>.
+
+    The fingerprint hashes the run's params and the identity of its input files
+    (path, size, modification time; every file under a directory), so a rerun after
+    a kill resumes, while a run with another config or regenerated inputs starts
+    fresh instead of resuming someone else's weights.
+    """
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    for entry in sorted(str(p) for p in inputs):
+        path = Path(entry)
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                stat = f.stat()
+                digest.update(f"{f}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return Path(root) / digest.hexdigest()[:16]
