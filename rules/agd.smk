@@ -101,7 +101,7 @@ rule agd_distill:
 rule agd_gd:
     input:
         base=rules.agd_base.output.model,
-        trajectories="data/agd/trajectories/standard",
+        train=rules.digits.output.train,
     output:
         model=directory("models/agd/gd_s{seed}"),
         metrics="results/agd/gd/gd_s{seed}.json",
@@ -119,11 +119,17 @@ rule agd_gd:
     params:
         py=PYTHON,
         scale=SCALE,
-        cfg=lambda wildcards: section("agd", "gd", seed=int(wildcards.seed)),
+        cfg=lambda wildcards: section(
+            "agd",
+            "gd",
+            seed=int(wildcards.seed),
+            sampler=AGD["sampler"],
+            w_range=[AGD["trajectories"]["w_min"], AGD["trajectories"]["w_max"]],
+        ),
         checkpoints="checkpoints/agd_gd/s{seed}",
     shell:
         "{params.py} -m repro.agd.gd --base {input.base:q}"
-        " --trajectories {input.trajectories:q} --out {output.model:q}"
+        " --train {input.train:q} --out {output.model:q}"
         " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
         " --params {params.cfg:q} --threads {threads} --rule agd_gd --scale {params.scale}"
         " > {log:q} 2>&1"
@@ -132,7 +138,7 @@ rule agd_gd:
 rule agd_transfer:
     input:
         base=rules.agd_base.output.model,
-        glyphs=rules.glyphs.output[0],
+        glyphs="data/glyphs/train.safetensors",
     output:
         model=directory("models/agd/derived"),
         metrics="results/agd/transfer_metrics.json",

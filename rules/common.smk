@@ -35,6 +35,15 @@ def section(*keys, **extra):
     return json.dumps(node, sort_keys=True)
 
 
+def glyph_params(split):
+    """The glyph rule's params: the train split, or the held-out test split (own n, seed)."""
+    glyphs = dict(config["data"]["glyphs"])
+    test_n, test_seed = glyphs.pop("test_n"), glyphs.pop("test_seed")
+    if split == "test":
+        glyphs.update(n=test_n, seed=test_seed)
+    return json.dumps(glyphs, sort_keys=True)
+
+
 # ---- AGD: which files a job needs, chosen from the wildcards ----
 AGD = config["agd"]
 AGD_FIGURES = [
@@ -48,7 +57,13 @@ def agd_eval_inputs(wildcards):
     """The models one evaluation job needs, by checkpoint and method (all seeds)."""
     inputs = {
         "classifier": "models/core/digit_classifier.safetensors",
-        "reference": "data/digits/test.safetensors",
+        # The derived checkpoint is fine-tuned on glyphs: its samples are scored
+        # against held-out glyphs, the base's against held-out real digits.
+        "reference": (
+            "data/glyphs/test.safetensors"
+            if wildcards.agd_checkpoint == "derived"
+            else "data/digits/test.safetensors"
+        ),
         "checkpoint": f"models/agd/{wildcards.agd_checkpoint}",
     }
     method = wildcards.agd_method

@@ -1,6 +1,10 @@
 # Tiny-scale data: real bundled digits and rendered glyphs, never downloaded.
 
 
+wildcard_constraints:
+    glyph_split="train|test",
+
+
 rule digits:
     output:
         train="data/digits/train.safetensors",
@@ -30,11 +34,11 @@ rule digits:
 
 rule glyphs:
     output:
-        "data/glyphs/digits.safetensors",
+        "data/glyphs/{glyph_split}.safetensors",
     log:
-        "logs/data/glyphs.log",
+        "logs/data/glyphs_{glyph_split}.log",
     benchmark:
-        "benchmarks/rules/data/glyphs.tsv"
+        "benchmarks/rules/data/glyphs_{glyph_split}.tsv"
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -44,7 +48,7 @@ rule glyphs:
     params:
         py=PYTHON,
         scale=SCALE,
-        cfg=section("data", "glyphs"),
+        cfg=lambda wildcards: glyph_params(wildcards.glyph_split),
     shell:
         "{params.py} -m repro.core.data glyphs --out {output:q}"
         " --params {params.cfg:q} --threads {threads} --rule glyphs --scale {params.scale}"

@@ -40,6 +40,7 @@ TRAJ = dict(
 )
 DISTILL = dict(
     adapter_dim=8,
+    w_scale=1.0,
     steps=30,
     batch_size=16,
     lr=1e-3,

@@ -28,15 +28,21 @@ from repro.core.training import fit
 log = logging.getLogger(__name__)
 
 
-def adapters_for(base, adapter_dim: int, seed: int) -> AGDAdapters:
-    """Adapters sized for `base` (hidden width, depth and classes read from its config)."""
+def adapters_for(base, params: dict) -> AGDAdapters:
+    """Adapters sized for `base` (hidden width, depth and classes read from its config).
+
+    `w_scale` multiplies w before the random Fourier features (f ~ N(0, 1)). The
+    official DiT code uses 1, so the features vary smoothly over w in [1, 6]; the
+    paper's x1000 (text-to-image) makes nearby scales look unrelated to the MLP.
+    """
     cfg = base.config
     return AGDAdapters(
         hidden_dim=cfg.num_attention_heads * cfg.attention_head_dim,
         num_blocks=len(base.transformer_blocks),
-        adapter_dim=adapter_dim,
+        adapter_dim=params["adapter_dim"],
         num_classes=cfg.num_embeds_ada_norm,
-        seed=seed,
+        w_scale=params["w_scale"],
+        seed=params["seed"],
     )
 
 
@@ -76,7 +82,7 @@ def run(args, train_base: bool, desc: str):
     start = time.perf_counter()
     base = load_dit(args.base)
     data = load_trajectories(args.trajectories)
-    adapters = adapters_for(base, params["adapter_dim"], params["seed"])
+    adapters = adapters_for(base, params)
     student = AdaptedDiT(base, adapters, train_base=train_base)
     checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.trajectories])
     summary = distill(student, data, params, checkpoints, desc)

@@ -132,13 +132,13 @@ def main(argv=None) -> None:
     parser.add_argument("--adapters", nargs="+", default=None, help="one file per seed")
     parser.add_argument("--gd", nargs="+", default=None, help="one directory per seed")
     parser.add_argument("--train", default=None, help="real training images (method real)")
-    parser.add_argument("--reference", required=True, help="real test images")
+    parser.add_argument("--reference", required=True, help="held-out images to compare with")
     parser.add_argument("--classifier", required=True, help="feature network")
     parser.add_argument("--out", required=True)
     args = parse_stage_args(parser, argv)
     params = args.params
 
-    reference = load_image_dataset(args.reference, kind="digits")
+    reference = load_image_dataset(args.reference)
     scorer = build_scorer({**params, "classifier": args.classifier}, reference.images)
     adapters = per_seed(args.adapters, args.seeds, "--adapters")
     gds = per_seed(args.gd, args.seeds, "--gd")

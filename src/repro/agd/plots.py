@@ -57,12 +57,16 @@ def fid_vs_w(table, path) -> None:
             ax.errorbar(
                 stats.index, stats["mean"], yerr=stats["std"], capsize=3, lw=1.8, ms=5, **style
             )
-        if len(floor):
+        if len(floor) and ckpt == "base":
             ax.axhline(floor.mean(), color="k", ls="--", lw=1, label="real train vs test (floor)")
         ax.set_xticks(scales)
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel("FID (classifier features), lower is better")
-        ax.set_title("base model" if ckpt == "base" else "derived checkpoint, base adapters")
+        ax.set_title(
+            "base model, vs real test digits"
+            if ckpt == "base"
+            else "derived (glyph) checkpoint, base's adapters,\nvs held-out glyphs"
+        )
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, frameon=False)
     fig.suptitle("AGD: FID vs guidance scale (mean ± std over seeds)")

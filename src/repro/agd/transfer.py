@@ -5,7 +5,7 @@ architecture and classes). AGD's claim is that adapters trained on the base
 work on such derived checkpoints without retraining; agd_eval then compares
 them with CFG on this checkpoint.
 
-    python -m repro.agd.transfer --base models/agd/base --data data/glyphs/digits.safetensors \
+    python -m repro.agd.transfer --base models/agd/base --data data/glyphs/train.safetensors \
         --out models/agd/derived --metrics results/agd/transfer_metrics.json --params '{...}'
 """
 

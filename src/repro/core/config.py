@@ -98,6 +98,12 @@ def cross_checks(cfg: Mapping) -> list[str]:
             f"agd.figures.grid_guidance_scale: {w} lies outside agd.trajectories "
             f"[w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
         )
+    glyphs = cfg["data"]["glyphs"]
+    if glyphs["seed"] == glyphs["test_seed"]:
+        errors.append(
+            f"data.glyphs.test_seed: {glyphs['test_seed']} equals data.glyphs.seed; "
+            "the held-out glyphs must differ from the fine-tuning ones"
+        )
     data = cfg["data"]["digits"]
     if data["val_fraction"] + data["test_fraction"] >= 0.8:
         errors.append("data.digits: val_fraction + test_fraction leaves under 20% to train on")
