@@ -205,7 +205,7 @@ def test_adapters_shapes_config_and_seed():
         "adapter_dim": 8,
         "num_classes": NUM_CLASSES,
         "num_fourier": 8,
-        "w_scale": 1000.0,
+        "w_scale": 1.0,
         "seed": 0,
         "timestep_features": 256,
     }
@@ -416,3 +416,17 @@ def test_distilled_sampling_costs_one_nfe_per_step():
     )
     assert result.nfe_per_image == 5 and result.images.shape == (3, 1, 8, 8)
     assert torch.isfinite(result.images).all()
+
+
+def test_guidance_embedding_is_smooth_in_w_at_the_default_scale():
+    """Nearby guidance scales must get nearby features, or the MLP cannot interpolate."""
+    from repro.agd.model import GuidanceEmbedding
+
+    def fourier(scale):
+        emb = GuidanceEmbedding(64, w_scale=scale, seed=0)
+        w = torch.tensor([3.0, 3.05])
+        feats = torch.cos(2 * torch.pi * (emb.frequencies * (w * scale)[:, None] + emb.phases))
+        return torch.nn.functional.cosine_similarity(feats[0], feats[1], dim=0)
+
+    assert fourier(1.0) > 0.95
+    assert fourier(1000.0) < 0.5

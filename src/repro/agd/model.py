@@ -154,12 +154,15 @@ class GuidanceEmbedding(nn.Module):
     """Embed the guidance scale: random Fourier features, then MLP (h -> 4h -> h), LayerNorm.
 
     The frequencies f ~ N(0,1) and phases phi ~ U(0,1) are fixed buffers drawn
-    from `seed`; w is multiplied by `w_scale` first (the paper uses 1000, like a
-    timestep), so nearby scales get clearly different features.
+    from `seed`; w is multiplied by `w_scale` first. The official DiT code uses 1:
+    the features then vary smoothly over w in [1, 6] and the MLP can interpolate
+    between the scales it saw. The paper's x1000 (its text-to-image adapters)
+    gives nearby scales unrelated features; at tiny scale that taught the adapters
+    one average guidance, whatever w was asked for.
     """
 
     def __init__(
-        self, dim: int, num_fourier: int | None = None, w_scale: float = 1000.0, seed: int = 0
+        self, dim: int, num_fourier: int | None = None, w_scale: float = 1.0, seed: int = 0
     ):
         super().__init__()
         num_fourier = num_fourier or dim
@@ -194,7 +197,7 @@ class AGDAdapters(nn.Module):
         adapter_dim: int,
         num_classes: int,
         num_fourier: int | None = None,
-        w_scale: float = 1000.0,
+        w_scale: float = 1.0,
         seed: int = 0,
         timestep_features: int = 256,
     ):
