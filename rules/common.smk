@@ -36,11 +36,11 @@ def section(*keys, **extra):
 
 
 def glyph_params(split):
-    """The glyph rule's params: the train split, or the held-out test split (own n, seed)."""
+    """The glyph rule's params: the train split, or a held-out split with its own n, seed."""
     glyphs = dict(config["data"]["glyphs"])
-    test_n, test_seed = glyphs.pop("test_n"), glyphs.pop("test_seed")
-    if split == "test":
-        glyphs.update(n=test_n, seed=test_seed)
+    heldout = {"val": glyphs.pop("val"), "test": glyphs.pop("test")}
+    if split in heldout:
+        glyphs.update(heldout[split])
     return json.dumps(glyphs, sort_keys=True)
 
 
@@ -55,15 +55,14 @@ AGD_FIGURES = [
 
 def agd_eval_inputs(wildcards):
     """The models one evaluation job needs, by checkpoint and method (all seeds)."""
+    heldout = "glyphs" if wildcards.agd_checkpoint == "derived" else "digits"
     inputs = {
         "classifier": "models/core/digit_classifier.safetensors",
         # The derived checkpoint is fine-tuned on glyphs: its samples are scored
-        # against held-out glyphs, the base's against held-out real digits.
-        "reference": (
-            "data/glyphs/test.safetensors"
-            if wildcards.agd_checkpoint == "derived"
-            else "data/digits/test.safetensors"
-        ),
+        # against held-out glyphs, the base's against held-out real digits; the
+        # val split picks the guidance scale, the test split is reported.
+        "reference": f"data/{heldout}/test.safetensors",
+        "validation": f"data/{heldout}/val.safetensors",
         "checkpoint": f"models/agd/{wildcards.agd_checkpoint}",
     }
     method = wildcards.agd_method

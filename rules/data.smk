@@ -2,7 +2,7 @@
 
 
 wildcard_constraints:
-    glyph_split="train|test",
+    glyph_split="train|val|test",
 
 
 rule digits:

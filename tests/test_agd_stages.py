@@ -303,7 +303,10 @@ def claims_table(agd_fid, cfg_fid, std_fid, gd_fid, derived_agd, derived_cfg, fr
                         steps=10,
                         nfe=nfe,
                         seed=seed,
-                        fid=fid + 0.1 * seed,
+                        # At w=3 AGD's TEST FID looks excellent but its val FID is
+                        # worse: selecting on test would flip every AGD verdict.
+                        fid=(0.1 * fid if (method, w) == ("agd", 3.0) else fid) + 0.1 * seed,
+                        fid_val=fid + 0.1 * seed + (0.0 if w == 1.5 else 1.0),
                         inception_score=5.0,
                         images_per_s=100.0,
                         trainable_params=trainable,

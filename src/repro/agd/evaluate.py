@@ -6,7 +6,7 @@ any generator can reach with this feature network and sample count.
 
     python -m repro.agd.evaluate --method agd --checkpoint models/agd/base --checkpoint-name base \
         --seeds 0 1 --adapters models/agd/adapters/cfg_s0.safetensors models/agd/adapters/cfg_s1.safetensors \
-        --reference data/digits/test.safetensors --classifier models/core/digit_classifier.safetensors \
+        --reference data/digits/test.safetensors --validation data/digits/val.safetensors --classifier models/core/digit_classifier.safetensors \
         --out results/agd/eval/base/agd.csv --params '{...}'
 """
 
@@ -57,13 +57,23 @@ def generate(method, scheduler, shape, labels, steps, scale, batch_size, seed):
     return torch.cat(images), nfe, len(labels) / seconds
 
 
-def evaluate_seed(args, params, scorer, seed, adapters=None, gd=None) -> list[dict]:
+def score(scorers: dict, images: torch.Tensor) -> dict:
+    """FID against the test reference (reported) and the val reference (for selection)."""
+    test = scorers["test"].score(images)
+    return {
+        "fid": test["fid"],
+        "inception_score": test["inception_score"],
+        "fid_val": scorers["val"].score(images)["fid"],
+    }
+
+
+def evaluate_seed(args, params, scorers, seed, adapters=None, gd=None) -> list[dict]:
     """Rows of one seed: each guidance scale of the grid (one row for unguided methods)."""
     n, steps = params["num_samples"], params["sampler"]["steps"]
     if args.method == "real":
         train = load_image_dataset(args.train, kind="digits")
         idx = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))[:n]
-        scores = scorer.score(train.images[idx])
+        scores = score(scorers, train.images[idx])
         return [
             dict(
                 method="real",
@@ -87,7 +97,7 @@ def evaluate_seed(args, params, scorer, seed, adapters=None, gd=None) -> list[di
         images, nfe, speed = generate(
             method, scheduler, method.image_shape, labels, steps, scale, params["batch_size"], seed
         )
-        scores = scorer.score(images.clamp(-1, 1))
+        scores = score(scorers, images.clamp(-1, 1))
         log.info(
             "%s w=%.2f seed=%d: fid %.3f, IS %.3f, %.0f img/s",
             args.method,
@@ -132,19 +142,23 @@ def main(argv=None) -> None:
     parser.add_argument("--adapters", nargs="+", default=None, help="one file per seed")
     parser.add_argument("--gd", nargs="+", default=None, help="one directory per seed")
     parser.add_argument("--train", default=None, help="real training images (method real)")
-    parser.add_argument("--reference", required=True, help="held-out images to compare with")
+    parser.add_argument("--reference", required=True, help="held-out test images (reported)")
+    parser.add_argument("--validation", required=True, help="held-out val images (selection)")
     parser.add_argument("--classifier", required=True, help="feature network")
     parser.add_argument("--out", required=True)
     args = parse_stage_args(parser, argv)
     params = args.params
 
-    reference = load_image_dataset(args.reference)
-    scorer = build_scorer({**params, "classifier": args.classifier}, reference.images)
+    scorer_params = {**params, "classifier": args.classifier}
+    scorers = {
+        "test": build_scorer(scorer_params, load_image_dataset(args.reference).images),
+        "val": build_scorer(scorer_params, load_image_dataset(args.validation).images),
+    }
     adapters = per_seed(args.adapters, args.seeds, "--adapters")
     gds = per_seed(args.gd, args.seeds, "--gd")
     rows = []
     for seed, adapter, gd in zip(args.seeds, adapters, gds, strict=True):
-        rows += evaluate_seed(args, params, scorer, seed, adapter, gd)
+        rows += evaluate_seed(args, params, scorers, seed, adapter, gd)
     table = pd.DataFrame(rows)[COLUMNS]
     write_table(table, args.out)
     summary = table.groupby("guidance_scale", dropna=False).fid.mean()

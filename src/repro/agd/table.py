@@ -26,6 +26,7 @@ COLUMNS = [
     "nfe",
     "seed",
     "fid",
+    "fid_val",
     "inception_score",
     "images_per_s",
     "trainable_params",

@@ -99,10 +99,15 @@ def cross_checks(cfg: Mapping) -> list[str]:
             f"[w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
         )
     glyphs = cfg["data"]["glyphs"]
-    if glyphs["seed"] == glyphs["test_seed"]:
+    seeds = {
+        "seed": glyphs["seed"],
+        "val.seed": glyphs["val"]["seed"],
+        "test.seed": glyphs["test"]["seed"],
+    }
+    if len(set(seeds.values())) < 3:
         errors.append(
-            f"data.glyphs.test_seed: {glyphs['test_seed']} equals data.glyphs.seed; "
-            "the held-out glyphs must differ from the fine-tuning ones"
+            f"data.glyphs: the seeds of train, val and test must differ (got {seeds}); "
+            "held-out glyphs must not repeat the fine-tuning ones"
         )
     data = cfg["data"]["digits"]
     if data["val_fraction"] + data["test_fraction"] >= 0.8:
