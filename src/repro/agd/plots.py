@@ -63,13 +63,14 @@ def fid_vs_w(table, path) -> None:
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel("FID (classifier features), lower is better")
         ax.set_title(
-            "base model, vs real test digits"
+            "base model\nscored against real test digits"
             if ckpt == "base"
-            else "derived (glyph) checkpoint, base's adapters,\nvs held-out glyphs"
+            else "derived (glyph-tuned) checkpoint, base's adapters\nscored against held-out glyphs"
         )
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, frameon=False)
-    fig.suptitle("AGD: FID vs guidance scale (mean ± std over seeds)")
+    fig.suptitle("AGD: FID vs guidance scale (mean ± std over seeds)", y=1.0)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
