@@ -208,6 +208,7 @@ def test_adapters_shapes_config_and_seed():
         "w_scale": 1.0,
         "seed": 0,
         "timestep_features": 256,
+        "kind": "offset",
     }
     assert AGDAdapters(**adapters.config).config == adapters.config
     # The whole init comes from the seed, not from the global RNG.
@@ -430,3 +431,37 @@ def test_guidance_embedding_is_smooth_in_w_at_the_default_scale():
 
     assert fourier(1.0) > 0.95
     assert fourier(1000.0) < 0.5
+
+
+def test_cross_attention_adapters_start_at_the_base_and_depend_on_the_image(tmp_path):
+    """The paper's cross-attention adapter: zero-init, token-dependent, saved alone."""
+    from repro.agd.model import load_adapters, save_adapters
+
+    base = tiny_base()
+    adapters = AGDAdapters(D, 2, 8, NUM_CLASSES, kind="cross_attention", seed=0)
+    model = AdaptedDiT(base, adapters)
+    x, t, labels, w = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, labels, w), base_eps(base, x, t, labels))
+        for p in adapters.cross.parameters():  # move away from the zero init
+            p.normal_(std=0.5)
+        adapted = model(x, t, labels, w)
+    assert not torch.allclose(adapted, base_eps(base, x, t, labels))
+
+    c = adapters.condition(w, t, labels)
+    assert c.shape == (4, 3, 8)
+    tokens = torch.randn(4, 16, D)
+    delta = adapters.delta(0, c, tokens)
+    assert delta.shape == (4, 16, D)
+    # Unlike an offset, the correction differs from token to token and image to image.
+    assert not torch.allclose(delta[:, 0], delta[:, 1])
+    assert not torch.allclose(delta, adapters.delta(0, c, torch.randn(4, 16, D)))
+
+    path = tmp_path / "cross.safetensors"
+    save_adapters(path, adapters)
+    model.detach()
+    with torch.no_grad():
+        reloaded = AdaptedDiT(base, load_adapters(path))(x, t, labels, w)
+    torch.testing.assert_close(reloaded, adapted)
+    with pytest.raises(ReproInputError, match="adapter_type"):
+        AGDAdapters(D, 2, 8, NUM_CLASSES, kind="lora")

@@ -39,6 +39,7 @@ TRAJ = dict(
     per_class=1, w_min=1.0, w_max=6.0, shard_size=16, batch_size=10, seed=0, sampler=SAMPLER
 )
 DISTILL = dict(
+    adapter_type="offset",
     adapter_dim=8,
     w_scale=1.0,
     steps=30,

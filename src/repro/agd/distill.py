@@ -43,6 +43,7 @@ def adapters_for(base, params: dict) -> AGDAdapters:
         num_classes=cfg.num_embeds_ada_norm,
         w_scale=params["w_scale"],
         seed=params["seed"],
+        kind=params["adapter_type"],
     )
 
 

@@ -150,6 +150,9 @@ def _from_pretrained(source, where: str, **kw) -> DiTTransformer2DModel:
 # ----------------------------------------------------------------------------- adapters
 
 
+ADAPTER_TYPES = ("offset", "cross_attention")
+
+
 class GuidanceEmbedding(nn.Module):
     """Embed the guidance scale: random Fourier features, then MLP (h -> 4h -> h), LayerNorm.
 
@@ -183,6 +186,37 @@ class GuidanceEmbedding(nn.Module):
         return self.norm(self.mlp(torch.cos(2 * torch.pi * phase)))
 
 
+class CrossAttentionAdapter(nn.Module):
+    """The paper's cross-attention adapter: tokens attend to the conditioning tokens.
+
+    Queries come from the block's tokens (D -> h), keys and values from the
+    [w, t, class] tokens plus fixed sinusoidal positions; one head; the output
+    projection (h -> D) is zero-initialised. Unlike the offset adapter, its
+    contribution depends on the image tokens, not only on (w, t, class).
+    """
+
+    def __init__(self, hidden_dim: int, adapter_dim: int, num_cond_tokens: int = 3):
+        super().__init__()
+        self.query = nn.Linear(hidden_dim, adapter_dim)
+        self.key_value = nn.Linear(adapter_dim, 2 * adapter_dim)
+        self.out = nn.Linear(adapter_dim, hidden_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        positions = torch.arange(num_cond_tokens)
+        self.register_buffer(
+            "positions", get_timestep_embedding(positions, adapter_dim, flip_sin_to_cos=True)
+        )
+
+    def forward(self, tokens: torch.Tensor, cond_tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, D], cond_tokens [B, 3, h] -> [B, N, D]."""
+        key, value = self.key_value(cond_tokens + self.positions).chunk(2, dim=-1)
+        query = self.query(tokens.to(self.query.weight.dtype))
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            query[:, None], key[:, None], value[:, None]
+        )[:, 0]
+        return self.out(attended)
+
+
 class AGDAdapters(nn.Module):
     """A shared conditioning c(w, t, y) and one zero-initialised offset MLP per block.
 
@@ -200,8 +234,11 @@ class AGDAdapters(nn.Module):
         w_scale: float = 1.0,
         seed: int = 0,
         timestep_features: int = 256,
+        kind: str = "offset",
     ):
         super().__init__()
+        if kind not in ADAPTER_TYPES:
+            raise ReproInputError(f"adapter_type: {kind!r} is not one of {ADAPTER_TYPES}")
         self._config = {
             "hidden_dim": int(hidden_dim),
             "num_blocks": int(num_blocks),
@@ -211,6 +248,7 @@ class AGDAdapters(nn.Module):
             "w_scale": float(w_scale),
             "seed": int(seed),
             "timestep_features": int(timestep_features),
+            "kind": kind,
         }
         self.source: str | None = None  # the file it was loaded from, for error messages
         h = adapter_dim
@@ -220,25 +258,44 @@ class AGDAdapters(nn.Module):
             self.timestep_proj = nn.Linear(timestep_features, h)
             # num_classes + 1 rows: the last one is the null class, as in the base DiT.
             self.class_embed = nn.Embedding(num_classes + 1, h)
-            self.offsets = nn.ModuleList(
-                nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.LayerNorm(h), nn.Linear(h, hidden_dim))
-                for _ in range(num_blocks)
-            )
-        for mlp in self.offsets:
-            nn.init.zeros_(mlp[-1].weight)
-            nn.init.zeros_(mlp[-1].bias)
+            if kind == "offset":
+                self.offsets = nn.ModuleList(
+                    nn.Sequential(
+                        nn.Linear(h, h), nn.ReLU(), nn.LayerNorm(h), nn.Linear(h, hidden_dim)
+                    )
+                    for _ in range(num_blocks)
+                )
+                for mlp in self.offsets:
+                    nn.init.zeros_(mlp[-1].weight)
+                    nn.init.zeros_(mlp[-1].bias)
+            else:
+                self.cross = nn.ModuleList(
+                    CrossAttentionAdapter(hidden_dim, h) for _ in range(num_blocks)
+                )
 
     @property
     def config(self) -> dict:
         return dict(self._config)
 
-    def condition(self, w: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """c = emb(w) + proj(sinusoid(t)) + class_emb(y): [B, h]."""
+    def condition_tokens(self, w: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
+        """[emb(w), proj(sinusoid(t)), class_emb(y)] as tokens: [B, 3, h]."""
         t_feat = get_timestep_embedding(
             t, self._config["timestep_features"], flip_sin_to_cos=True, downscale_freq_shift=1
         )
         t_emb = self.timestep_proj(t_feat.to(self.timestep_proj.weight.dtype))
-        return self.guidance_embed(w) + t_emb + self.class_embed(labels)
+        return torch.stack([self.guidance_embed(w), t_emb, self.class_embed(labels)], dim=1)
+
+    def condition(self, w: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The conditioning of one forward: c = emb(w) + proj(t) + emb(y), [B, h], for
+        offset adapters; the three tokens [B, 3, h] for cross-attention adapters."""
+        tokens = self.condition_tokens(w, t, labels)
+        return tokens.sum(dim=1) if self._config["kind"] == "offset" else tokens
+
+    def delta(self, block_index: int, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """What block `block_index` adds to its attention output: [B, 1 or N, D]."""
+        if self._config["kind"] == "offset":
+            return self.offsets[block_index](cond)[:, None, :]
+        return self.cross[block_index](tokens, cond)
 
     def offset(self, block_index: int, c: torch.Tensor) -> torch.Tensor:
         """The per-sample vector [B, D] added to block `block_index`'s attention output."""
@@ -281,7 +338,8 @@ class AdaptedDiT(nn.Module):
         if self._cond is None:
             return None  # adapters off: leave attn1's output unchanged
         # attn1's output is multiplied by the adaLN-zero gate after this hook returns.
-        return output + self.adapters.offset(index, self._cond)[:, None, :].to(output.dtype)
+        tokens = args[0]  # attn1's input: the block's normalised image tokens
+        return output + self.adapters.delta(index, self._cond, tokens).to(output.dtype)
 
     def forward(self, x, t, labels, w=None):
         if not self._handles:
