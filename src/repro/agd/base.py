@@ -20,12 +20,10 @@ import torch
 
 from repro.agd.model import build_dit, null_label, save_dit, set_label_dropout
 from repro.core.checkpoint import run_directory
-from repro.core.cli import parse_stage_args, stage_parser
+from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
-from repro.core.io import write_json
-from repro.core.tracking import log_run
-from repro.core.training import fit
+from repro.core.training import fit, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,7 @@ def main(argv=None) -> None:
     if params.get("pretrained"):
         log.info("loading the pretrained base %s", params["pretrained"])
         model = build_dit(params)
-        summary = {"steps": 0, "final_loss": float("nan"), "resumed_from": 0}
+        summary = {"steps": 0, "final_loss": float("nan")}
     else:
         data = load_image_dataset(args.train, kind="digits")
         model = build_dit(params["model"])
@@ -99,23 +97,8 @@ def main(argv=None) -> None:
         )
 
     save_dit(model, args.out)
-    metrics = {
-        "final_loss": summary["final_loss"],
-        "steps": summary["steps"],
-        "resumed_from": summary.get("resumed_from", 0),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "seconds": time.perf_counter() - start,
-    }
-    write_json(args.metrics, metrics)
-    log.info("base: %s", metrics)
-    log_run(
-        paper="agd",
-        rule=args.rule,
-        scale=args.scale,
-        params=params,
-        metrics=metrics,
-        artifacts=[args.metrics],
-    )
+    metrics = summary_metrics(summary, start, parameters=sum(p.numel() for p in model.parameters()))
+    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
 
 
 if __name__ == "__main__":

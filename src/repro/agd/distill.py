@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from repro.agd.model import AdaptedDiT, AGDAdapters, load_dit, save_adapters
 from repro.agd.trajectories import load_trajectories
 from repro.core.checkpoint import run_directory
-from repro.core.cli import parse_stage_args, stage_parser
-from repro.core.io import write_json
-from repro.core.tracking import log_run
-from repro.core.training import fit
+from repro.core.cli import finish_stage, parse_stage_args, stage_parser
+from repro.core.training import fit, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +43,15 @@ def adapters_for(base, params: dict) -> AGDAdapters:
         seed=params["seed"],
         kind=params["adapter_type"],
     )
+
+
+def adapter_counts(student: AdaptedDiT) -> dict:
+    counts = student.parameter_counts()
+    return {
+        "trainable_params": counts["trainable"],
+        "base_params": counts["base"],
+        "trainable_fraction": counts["fraction"],
+    }
 
 
 def distill(student: AdaptedDiT, data: dict, params: dict, checkpoint_dir, desc: str) -> dict:
@@ -87,17 +94,8 @@ def run(args, train_base: bool, desc: str):
     student = AdaptedDiT(base, adapters, train_base=train_base)
     checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.trajectories])
     summary = distill(student, data, params, checkpoints, desc)
-    counts = student.parameter_counts()
-    metrics = {
-        "final_loss": summary["final_loss"],
-        "steps": summary["steps"],
-        "resumed_from": summary.get("resumed_from", 0),
-        "trainable_params": counts["trainable"],
-        "base_params": counts["base"],
-        "trainable_fraction": counts["fraction"],
-        "train_samples": len(data["t"]),
-        "seconds": time.perf_counter() - start,
-    }
+    metrics = summary_metrics(summary, start, **adapter_counts(student))
+    metrics["train_samples"] = len(data["t"])
     return student, metrics
 
 
@@ -111,16 +109,7 @@ def main(argv=None) -> None:
     args = parse_stage_args(parser, argv)
     student, metrics = run(args, train_base=False, desc="agd_distill")
     save_adapters(args.out, student.adapters, extra_meta={"metrics": metrics})
-    write_json(args.metrics, metrics)
-    log.info("adapters: %s", metrics)
-    log_run(
-        paper="agd",
-        rule=args.rule,
-        scale=args.scale,
-        params=args.params,
-        metrics=metrics,
-        artifacts=[args.metrics],
-    )
+    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ import torch
 
 from repro.agd.methods import GUIDED, load_method
 from repro.agd.table import COLUMNS
-from repro.core.cli import parse_stage_args, stage_parser
+from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import sample, scheduler_from_params
 from repro.core.errors import ReproInputError
 from repro.core.metrics import build_scorer
 from repro.core.results import write_table
-from repro.core.tracking import log_run
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +162,17 @@ def main(argv=None) -> None:
     write_table(table, args.out)
     summary = table.groupby("guidance_scale", dropna=False).fid.mean()
     metrics = {f"fid_w{w:g}": float(f) for w, f in summary.items()}
-    log_run(
+    finish_stage(
+        args,
         paper="agd",
-        rule=args.rule,
-        scale=args.scale,
+        metrics=metrics,
+        artifacts=[args.out],
         params={
             **params,
             "method": args.method,
             "checkpoint": args.checkpoint_name,
             "seeds": args.seeds,
         },
-        metrics=metrics,
-        artifacts=[args.out],
     )
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from repro.agd.distill import adapters_for
+from repro.agd.distill import adapter_counts, adapters_for
 from repro.agd.model import AdaptedDiT, load_dit, null_label, save_adapters, save_dit
 from repro.core.checkpoint import run_directory
-from repro.core.cli import parse_stage_args, stage_parser
+from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import (
     ClassifierFreeGuidance,
@@ -33,9 +33,7 @@ from repro.core.diffusion import (
     q_sample,
     scheduler_from_params,
 )
-from repro.core.io import write_json
-from repro.core.tracking import log_run
-from repro.core.training import fit
+from repro.core.training import fit, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +78,7 @@ def guidance_distillation(args, params: dict):
         checkpoint_every=params["checkpoint_every"],
         desc="agd_gd",
     )
-    counts = student.parameter_counts()
-    metrics = {
-        "final_loss": summary["final_loss"],
-        "steps": summary["steps"],
-        "resumed_from": summary.get("resumed_from", 0),
-        "trainable_params": counts["trainable"],
-        "base_params": counts["base"],
-        "trainable_fraction": counts["fraction"],
-        "seconds": time.perf_counter() - start,
-    }
+    metrics = summary_metrics(summary, start, **adapter_counts(student))
     return student, metrics
 
 
@@ -106,16 +95,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     save_dit(student.base, out / "transformer")
     save_adapters(out / GD_ADAPTERS, student.adapters, extra_meta={"metrics": metrics})
-    write_json(args.metrics, metrics)
-    log.info("gd: %s", metrics)
-    log_run(
-        paper="agd",
-        rule=args.rule,
-        scale=args.scale,
-        params=args.params,
-        metrics=metrics,
-        artifacts=[args.metrics],
-    )
+    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
 
 
 if __name__ == "__main__":

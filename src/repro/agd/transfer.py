@@ -17,11 +17,10 @@ import time
 from repro.agd.base import train_denoiser
 from repro.agd.model import load_dit, save_dit
 from repro.core.checkpoint import run_directory
-from repro.core.cli import parse_stage_args, stage_parser
+from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.errors import ReproInputError
-from repro.core.io import write_json
-from repro.core.tracking import log_run
+from repro.core.training import summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +49,8 @@ def main(argv=None) -> None:
         model, params, data.images, data.labels, checkpoints, desc="agd_transfer"
     )
     save_dit(model, args.out)
-    metrics = {
-        "final_loss": summary["final_loss"],
-        "steps": summary["steps"],
-        "resumed_from": summary.get("resumed_from", 0),
-        "seconds": time.perf_counter() - start,
-    }
-    write_json(args.metrics, metrics)
-    log_run(
-        paper="agd",
-        rule=args.rule,
-        scale=args.scale,
-        params=params,
-        metrics=metrics,
-        artifacts=[args.metrics],
-    )
+    metrics = summary_metrics(summary, start)
+    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
 
 
 if __name__ == "__main__":

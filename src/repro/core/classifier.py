@@ -216,7 +216,7 @@ def load_classifier(path: str | os.PathLike) -> DigitClassifier:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from repro.core.cli import parse_stage_args, stage_parser
+    from repro.core.cli import finish_stage, parse_stage_args, stage_parser
     from repro.core.data import load_image_dataset
     from repro.core.io import write_json
 
@@ -243,17 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     log.info("classifier: test accuracy %.4f", metrics["test_accuracy"])
     save_classifier(args.out, model, metrics)
     write_json(args.metrics, metrics)
-    from repro.core.tracking import log_run
-
     scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    log_run(
-        paper="core",
-        rule=args.rule,
-        scale=args.scale,
-        params=args.params,
-        metrics=scalars,
-        artifacts=[args.metrics],
-    )
+    finish_stage(args, paper="core", metrics=scalars, artifacts=[args.metrics])
 
 
 if __name__ == "__main__":

@@ -80,3 +80,28 @@ def _json_arg(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("--params must be a JSON object")
     return value
+
+
+def finish_stage(
+    args, *, paper: str, metrics: dict, metrics_path=None, artifacts=(), params=None
+) -> None:
+    """How every training and evaluation stage ends: metrics JSON, a log line, one MLflow run.
+
+    `params` (default: the stage's --params) is what the MLflow run records.
+    """
+    from repro.core.io import write_json
+    from repro.core.tracking import log_run
+
+    artifacts = list(artifacts)
+    if metrics_path is not None:
+        write_json(metrics_path, metrics)
+        artifacts.append(metrics_path)
+    log.info("%s metrics: %s", args.rule, metrics)
+    log_run(
+        paper=paper,
+        rule=args.rule,
+        scale=args.scale,
+        params=args.params if params is None else params,
+        metrics=metrics,
+        artifacts=artifacts,
+    )

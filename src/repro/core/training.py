@@ -133,3 +133,16 @@ def fit(
         "loss_history": history,
         "resumed_from": start,
     }
+
+
+def summary_metrics(summary: dict, started: float, **extra) -> dict:
+    """The metrics every training stage reports: fit's summary, wall time and `extra`."""
+    import time
+
+    return {
+        "final_loss": summary["final_loss"],
+        "steps": summary["steps"],
+        "resumed_from": summary.get("resumed_from", 0),
+        "seconds": time.perf_counter() - started,
+        **extra,
+    }
