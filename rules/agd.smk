@@ -185,7 +185,13 @@ rule agd_eval:
     params:
         py=PYTHON,
         scale=SCALE,
-        cfg=section("agd", "eval", sampler=AGD["sampler"]),
+        cfg=section(
+            "agd",
+            "eval",
+            sampler=AGD["sampler"],
+            vae=AGD["base"].get("vae"),
+            local_files_only=AGD["base"].get("local_files_only", True),
+        ),
         adapters=eval_option("--adapters", "adapters"),
         gd=eval_option("--gd", "gd"),
         train=eval_option("--train", "train"),

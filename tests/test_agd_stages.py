@@ -352,3 +352,77 @@ def test_checkpoints_resume_only_the_same_run(tmp_path):
     assert first != run_directory(tmp_path / "ckpt", {"lr": 2e-3}, [data])
     data.write_bytes(b"y" * 11)  # regenerated input
     assert first != run_directory(tmp_path / "ckpt", {"lr": 1e-3}, [data])
+
+
+def test_paper_scale_latents_are_decoded_by_the_vae(tmp_path):
+    """DiT-XL/2 samples VAE latents: a tiny AutoencoderKL saved locally decodes them."""
+    from diffusers import AutoencoderKL
+
+    from repro.agd.evaluate import generate
+    from repro.agd.methods import Method, load_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8
+    )
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    decode = load_decoder(str(tmp_path / "vae"), local_files_only=True)
+    base = build_dit({**ARCH, "in_channels": 4})
+    method = Method("none", DiTDenoiser(base.eval()), 10, 0, 1, base.config)
+    scheduler = scheduler_from_params(SAMPLER)
+    labels = torch.arange(6) % 10
+    images, nfe, speed = generate(
+        method, scheduler, method.image_shape, labels, 2, 1.0, 4, 0, decode
+    )
+    assert images.shape == (6, 3, 8, 8) and nfe == 2 and speed > 0
+    assert images.min() >= -1 and images.max() <= 1
+    with pytest.raises(ReproInputError, match="agd.base.vae"):
+        load_decoder(str(tmp_path / "missing"), local_files_only=True)
+
+
+def test_transfer_loads_a_derived_checkpoint_or_refuses_mismatched_data(workdir, tmp_path):
+    from repro.agd import transfer
+
+    derived = build_dit(ARCH)
+    derived.save_pretrained(tmp_path / "hub" / "transformer", safe_serialization=True)
+    params = {
+        "pretrained": str(tmp_path / "hub"),
+        "subfolder": "transformer",
+        "local_files_only": True,
+    }
+    common = [
+        "--base",
+        str(workdir / "base"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
+    transfer.main(
+        [
+            *common,
+            "--data",
+            "unused",
+            "--out",
+            str(tmp_path / "derived"),
+            "--params",
+            json.dumps(params),
+        ]
+    )
+    assert load_dit(tmp_path / "derived").config.num_layers == ARCH["num_layers"]
+    wrong = tmp_path / "wide.safetensors"
+    save_tensors(
+        wrong, {"images": torch.zeros(4, 1, 16, 16), "labels": torch.zeros(4).long()}, kind="glyphs"
+    )
+    with pytest.raises(ReproInputError, match=r"wide.safetensors.*agd.transfer.pretrained"):
+        transfer.main(
+            [
+                *common,
+                "--data",
+                str(wrong),
+                "--out",
+                str(tmp_path / "d2"),
+                "--params",
+                json.dumps({**DISTILL, "sampler": SAMPLER, "label_dropout": 0.1}),
+            ]
+        )

@@ -18,7 +18,7 @@ import time
 import pandas as pd
 import torch
 
-from repro.agd.methods import GUIDED, load_method
+from repro.agd.methods import GUIDED, load_decoder, load_method
 from repro.agd.table import COLUMNS
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
@@ -35,8 +35,11 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(method, scheduler, shape, labels, steps, scale, batch_size, seed):
-    """Sample len(labels) images in batches; returns (images, nfe per image, images/s)."""
+def generate(method, scheduler, shape, labels, steps, scale, batch_size, seed, decode=None):
+    """Sample len(labels) images in batches; returns (images, nfe per image, images/s).
+
+    `decode` maps latents to images (paper scale); its time counts in images/s.
+    """
     images, nfe, seconds = [], 0, 0.0
     for i, start in enumerate(range(0, len(labels), batch_size)):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -50,8 +53,9 @@ def generate(method, scheduler, shape, labels, steps, scale, batch_size, seed):
             guidance=method.guidance(scale),
             generator=gen,
         )
+        batch = result.images if decode is None else decode(result.images)
         seconds += time.perf_counter() - tic
-        images.append(result.images)
+        images.append(batch)
         nfe = result.nfe_per_image
     return torch.cat(images), nfe, len(labels) / seconds
 
@@ -88,13 +92,22 @@ def evaluate_seed(args, params, scorers, seed, adapters=None, gd=None) -> list[d
             )
         ]
     method = load_method(args.method, args.checkpoint, adapters, gd)
+    decode = load_decoder(params.get("vae"), params.get("local_files_only", True))
     labels = balanced_labels(n, method.num_classes)
     scheduler = scheduler_from_params(params["sampler"])
     scales = params["guidance_scales"] if args.method in GUIDED else [1.0]
     rows = []
     for scale in scales:
         images, nfe, speed = generate(
-            method, scheduler, method.image_shape, labels, steps, scale, params["batch_size"], seed
+            method,
+            scheduler,
+            method.image_shape,
+            labels,
+            steps,
+            scale,
+            params["batch_size"],
+            seed,
+            decode,
         )
         scores = score(scorers, images.clamp(-1, 1))
         log.info(

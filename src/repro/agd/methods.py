@@ -86,3 +86,25 @@ def load_method(
         n = sum(p.numel() for p in base.parameters())
         return Method(name, DiTDenoiser(base).eval(), null_label(base), 0, n, base.config)
     raise ReproInputError(f"agd.eval.methods: unknown method {name!r}")
+
+
+def load_decoder(vae: str | None, local_files_only: bool = True):
+    """Latents -> images in [-1, 1] through a diffusers AutoencoderKL, or None.
+
+    Paper scale: DiT-XL/2 samples 4x32x32 latents of the SD VAE (`agd.base.vae`);
+    tiny scale samples pixels and needs no decoder.
+    """
+    if not vae:
+        return None
+    from diffusers import AutoencoderKL
+
+    try:
+        model = AutoencoderKL.from_pretrained(vae, local_files_only=local_files_only).eval()
+    except (OSError, ValueError) as err:
+        raise ReproInputError(f"agd.base.vae: cannot load the VAE {vae!r} ({err})") from err
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return model.decode(latents / model.config.scaling_factor).sample.clamp(-1, 1)
+
+    return decode

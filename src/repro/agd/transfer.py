@@ -15,7 +15,7 @@ import logging
 import time
 
 from repro.agd.base import train_denoiser
-from repro.agd.model import load_dit, save_dit
+from repro.agd.model import build_dit, load_dit, save_dit
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
@@ -23,6 +23,20 @@ from repro.core.errors import ReproInputError
 from repro.core.training import summary_metrics
 
 log = logging.getLogger(__name__)
+
+
+def fine_tune(args, params: dict):
+    """Derive a checkpoint: the base fine-tuned briefly on another image set."""
+    model = load_dit(args.base)
+    data = load_image_dataset(args.data)
+    expected = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    if tuple(data.images.shape[1:]) != expected:
+        raise ReproInputError(
+            f"{args.data}: images of shape {tuple(data.images.shape[1:])}, the base expects "
+            f"{expected}; at paper scale set agd.transfer.pretrained to a derived checkpoint"
+        )
+    checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.data])
+    return train_denoiser(model, params, data.images, data.labels, checkpoints, desc="agd_transfer")
 
 
 def main(argv=None) -> None:
@@ -36,18 +50,12 @@ def main(argv=None) -> None:
     params = args.params
     start = time.perf_counter()
 
-    model = load_dit(args.base)
-    data = load_image_dataset(args.data)
-    expected = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    if tuple(data.images.shape[1:]) != expected:
-        raise ReproInputError(
-            f"{args.data}: images of shape {tuple(data.images.shape[1:])}, "
-            f"the base expects {expected}"
-        )
-    checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.data])
-    model, summary = train_denoiser(
-        model, params, data.images, data.labels, checkpoints, desc="agd_transfer"
-    )
+    if params.get("pretrained"):
+        # Paper scale: a checkpoint derived elsewhere from the same base (a fine-tune).
+        model = build_dit(params)
+        summary = {"steps": 0, "final_loss": float("nan")}
+    else:
+        model, summary = fine_tune(args, params)
     save_dit(model, args.out)
     metrics = summary_metrics(summary, start)
     finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
