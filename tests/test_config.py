@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.core.config import load_yaml, merge, validate_config
+from repro.core.config import cross_checks, load_yaml, merge, schema_errors, validate_config
 from repro.core.errors import ReproInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,8 +18,10 @@ def tiny():
 
 @pytest.mark.parametrize("overlay", ["configs/smoke.yaml", "configs/paper.yaml"])
 def test_shipped_configs_are_valid(overlay):
-    validate_config(tiny())
-    validate_config(merge(tiny(), load_yaml(ROOT / overlay)))
+    for cfg in (tiny(), merge(tiny(), load_yaml(ROOT / overlay))):
+        assert schema_errors(cfg) == []
+        assert cross_checks(cfg) == []
+        validate_config(cfg)
 
 
 def set_key(cfg, dotted, value):

@@ -23,7 +23,7 @@ from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
-from repro.core.training import fit, summary_metrics
+from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,8 @@ def train_denoiser(
         modules={"model": model},
         parameters=list(model.parameters()),
         loss_fn=loss_fn,
-        steps=params["steps"],
-        lr=params["lr"],
-        weight_decay=params["weight_decay"],
-        warmup_fraction=params["warmup_fraction"],
         checkpoint_dir=checkpoint_dir,
-        checkpoint_every=params["checkpoint_every"],
+        **optimiser_settings(params),
         desc=desc,
     )
     model.eval()

@@ -21,7 +21,7 @@ from repro.agd.model import AdaptedDiT, AGDAdapters, load_dit, save_adapters
 from repro.agd.trajectories import load_trajectories
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
-from repro.core.training import fit, summary_metrics
+from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,8 @@ def distill(student: AdaptedDiT, data: dict, params: dict, checkpoint_dir, desc:
         modules=modules,
         parameters=student.trainable_parameters(),
         loss_fn=loss_fn,
-        steps=params["steps"],
-        lr=params["lr"],
-        weight_decay=params["weight_decay"],
-        warmup_fraction=params["warmup_fraction"],
         checkpoint_dir=checkpoint_dir,
-        checkpoint_every=params["checkpoint_every"],
+        **optimiser_settings(params),
         desc=desc,
     )
 

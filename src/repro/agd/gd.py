@@ -33,7 +33,7 @@ from repro.core.diffusion import (
     q_sample,
     scheduler_from_params,
 )
-from repro.core.training import fit, summary_metrics
+from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,8 @@ def guidance_distillation(args, params: dict):
         modules={"adapters": student.adapters, "base": student.base},
         parameters=student.trainable_parameters(),
         loss_fn=loss_fn,
-        steps=params["steps"],
-        lr=params["lr"],
-        weight_decay=params["weight_decay"],
-        warmup_fraction=params["warmup_fraction"],
         checkpoint_dir=run_directory(args.checkpoint_dir, params, [args.base, args.train]),
-        checkpoint_every=params["checkpoint_every"],
+        **optimiser_settings(params),
         desc="agd_gd",
     )
     metrics = summary_metrics(summary, start, **adapter_counts(student))

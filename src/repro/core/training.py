@@ -146,3 +146,14 @@ def summary_metrics(summary: dict, started: float, **extra) -> dict:
         "seconds": time.perf_counter() - started,
         **extra,
     }
+
+
+OPTIMISER_KEYS = ("steps", "lr", "weight_decay", "warmup_fraction", "checkpoint_every")
+
+
+def optimiser_settings(params: dict) -> dict:
+    """fit's keyword arguments from a config section (the schema's `optimiser` block)."""
+    missing = [k for k in OPTIMISER_KEYS if k not in params]
+    if missing:
+        raise ReproInputError(f"params: missing optimiser settings {missing}")
+    return {k: params[k] for k in OPTIMISER_KEYS}
