@@ -144,23 +144,26 @@ def test_foreign_adapters_and_broken_model_name_the_file(workdir, tmp_path):
         load_dit(broken)
 
 
+def distill_args(workdir, out, params, checkpoints):
+    """The command line agd_distill runs with, on the fixture's base and CFG trajectories."""
+    return [
+        "--base",
+        str(workdir / "base"),
+        "--trajectories",
+        str(workdir / "cfg"),
+        "--out",
+        str(out / "adapters.safetensors"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--checkpoint-dir",
+        str(checkpoints),
+        "--params",
+        json.dumps(params),
+    ]
+
+
 def run_distill(workdir, out, params, checkpoints):
-    distill.main(
-        [
-            "--base",
-            str(workdir / "base"),
-            "--trajectories",
-            str(workdir / "cfg"),
-            "--out",
-            str(out / "adapters.safetensors"),
-            "--metrics",
-            str(out / "metrics.json"),
-            "--checkpoint-dir",
-            str(checkpoints),
-            "--params",
-            json.dumps(params),
-        ]
-    )
+    distill.main(distill_args(workdir, out, params, checkpoints))
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -212,18 +215,7 @@ def test_killed_distill_resumes_to_the_same_result(workdir, tmp_path):
         sys.executable,
         "-m",
         "repro.agd.distill",
-        "--base",
-        str(workdir / "base"),
-        "--trajectories",
-        str(workdir / "cfg"),
-        "--out",
-        str(out / "adapters.safetensors"),
-        "--metrics",
-        str(out / "metrics.json"),
-        "--checkpoint-dir",
-        str(checkpoints),
-        "--params",
-        json.dumps(params),
+        *distill_args(workdir, out, params, checkpoints),
     ]
     env = {**os.environ, "REPRO_MLFLOW": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -70,28 +70,16 @@ def test_bad_config_names_the_key(key, value, words):
         assert word in message, f"{word!r} not in: {message}"
 
 
+def snakemake(workdir, *args):
+    """Run this repository's Snakefile with `workdir` as working directory."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
 def test_snakemake_refuses_bad_config_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("agd:\n  distill:\n    steps: -1\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "--cores",
-            "1",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(tmp_path),
-            "--configfile",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(bad))
     assert proc.returncode != 0
     assert "agd.distill.steps" in proc.stdout + proc.stderr
     assert not (tmp_path / "data").exists()
@@ -122,46 +110,21 @@ def test_config_cli(tmp_path):
 
 
 def test_snakemake_lint_is_clean(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--lint",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = snakemake(tmp_path, "--lint")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
 def test_paper_plan_asks_for_a_gpu_in_every_gpu_rule(tmp_path):
     """A dry run at paper scale: the model rules declare gpu=1."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "--cores",
-            "8",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "-d",
-            str(tmp_path),
-            "results/agd_fid.csv",
-            "--configfile",
-            str(ROOT / "configs/paper.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = snakemake(
+        tmp_path,
+        "-n",
+        "--cores",
+        "8",
+        "results/agd_fid.csv",
+        "--configfile",
+        str(ROOT / "configs/paper.yaml"),
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
