@@ -1,0 +1,1 @@
+"""Fused attention kernels (Triton on CUDA) with PyTorch references beside them."""
