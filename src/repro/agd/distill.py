@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from repro.agd.model import AdaptedDiT, AGDAdapters, load_dit, save_adapters
-from repro.agd.trajectories import load_trajectories
+from repro.agd.trajectories import TrajectoryStore
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.training import fit, optimiser_settings, summary_metrics
@@ -54,18 +54,23 @@ def adapter_counts(student: AdaptedDiT) -> dict:
     }
 
 
-def distill(student: AdaptedDiT, data: dict, params: dict, checkpoint_dir, desc: str) -> dict:
-    """Fit the student's trainable parameters to the stored guided eps."""
-    seed, batch_size, n = params["seed"], params["batch_size"], len(data["t"])
+def distill(
+    student: AdaptedDiT, data: TrajectoryStore, params: dict, checkpoint_dir, desc: str
+) -> dict:
+    """Fit the student's trainable parameters to the stored guided eps.
+
+    Minibatches are gathered from the memory-mapped store: memory holds a batch, not the set.
+    """
+    seed, batch_size, n = params["seed"], params["batch_size"], len(data)
     torch.manual_seed(seed)
     # The base runs in eval mode: its label dropout must not corrupt the class.
     student.eval()
 
     def loss_fn(step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(n, (batch_size,), generator=gen)
-        pred = student(data["x_t"][idx], data["t"][idx], data["labels"][idx], data["w"][idx])
-        return F.mse_loss(pred, data["eps"][idx])
+        batch = data[torch.randint(n, (batch_size,), generator=gen)]
+        pred = student(batch["x_t"], batch["t"], batch["labels"], batch["w"])
+        return F.mse_loss(pred, batch["eps"])
 
     modules = {"adapters": student.adapters}
     if student.train_base:
@@ -85,13 +90,13 @@ def run(args, train_base: bool, desc: str):
     params = args.params
     start = time.perf_counter()
     base = load_dit(args.base)
-    data = load_trajectories(args.trajectories)
+    data = TrajectoryStore(args.trajectories)
     adapters = adapters_for(base, params)
     student = AdaptedDiT(base, adapters, train_base=train_base)
     checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.trajectories])
     summary = distill(student, data, params, checkpoints, desc)
     metrics = summary_metrics(summary, start, **adapter_counts(student))
-    metrics["train_samples"] = len(data["t"])
+    metrics["train_samples"] = len(data)
     return student, metrics
 
 

@@ -8,7 +8,10 @@ store EVERY step as (x_t, t, class, w, eps_cfg), eps_cfg = eps_u + w (eps_c - ep
 forward-noise real training images to the same timesteps, x_t = q(x_t | x_0),
 with the same CFG targets computed by the base at those x_t.
 
-Shards are safetensors files of `shard_size` samples plus a manifest.json.
+Shards are safetensors files of `shard_size` samples plus a manifest.json,
+written as they fill (memory stays bounded by a shard and a batch of
+trajectories) and read back memory-mapped (`TrajectoryStore`), so the paper
+scale's ~1M stored steps (about 32 GB) never have to fit in memory.
 
     python -m repro.agd.trajectories --kind cfg --base models/agd/base \
         --train data/digits/train.safetensors --out data/agd/trajectories/cfg --params '{...}'
@@ -17,7 +20,6 @@ Shards are safetensors files of `shard_size` samples plus a manifest.json.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ from repro.core.diffusion import (
     scheduler_from_params,
 )
 from repro.core.errors import ReproInputError
-from repro.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from repro.core.io import map_tensors, read_json, save_tensors, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,8 @@ def trajectory_plan(num_classes: int, per_class: int, w_min: float, w_max: float
 
 
 @torch.no_grad()
-def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_size, seed):
-    """Run the CFG sampler and keep every step of every trajectory."""
-    out = {k: [] for k in FIELDS}
+def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_size, seed, out):
+    """Run the CFG sampler and hand every step of every trajectory to `out` (a ShardWriter)."""
     batches = range(0, len(labels), batch_size)
     for i, start in enumerate(tqdm(batches, desc="cfg trajectories", disable=None)):
         y, wb = labels[start : start + batch_size], w[start : start + batch_size]
@@ -70,19 +71,20 @@ def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_s
         )
         traj = result.trajectory
         n_steps = traj["t"].shape[0]
-        out["x_t"].append(traj["x_t"].flatten(0, 1))
-        out["eps"].append(traj["eps"].flatten(0, 1))
-        out["t"].append(traj["t"].repeat_interleave(len(y)))
-        out["labels"].append(y.repeat(n_steps))
-        out["w"].append(wb.repeat(n_steps))
-    return {k: torch.cat(v) for k, v in out.items()}
+        out.add(
+            x_t=traj["x_t"].flatten(0, 1),
+            t=traj["t"].repeat_interleave(len(y)),
+            labels=y.repeat(n_steps),
+            w=wb.repeat(n_steps),
+            eps=traj["eps"].flatten(0, 1),
+        )
 
 
 @torch.no_grad()
 def standard_trajectories(
-    denoiser, scheduler, images, image_labels, labels, w, steps, null, batch_size, seed
+    denoiser, scheduler, images, image_labels, labels, w, steps, null, batch_size, seed, out
 ):
-    """Forward-noised real images at the sampler's timesteps, with CFG targets."""
+    """Forward-noised real images at the sampler's timesteps, with CFG targets, into `out`."""
     gen = torch.Generator().manual_seed(seed)
     # One real image of the right class per trajectory.
     x0 = torch.empty(len(labels), *images.shape[1:])
@@ -94,7 +96,6 @@ def standard_trajectories(
         x0[rows] = images[pool[torch.randint(len(pool), (len(rows),), generator=gen)]]
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.long()
-    out = {k: [] for k in FIELDS}
     for t in tqdm(timesteps, desc="standard trajectories", disable=None):
         for start in range(0, len(labels), batch_size):
             y = labels[start : start + batch_size]
@@ -104,43 +105,108 @@ def standard_trajectories(
             noise = torch.randn(x0b.shape, generator=gen)
             x_t = q_sample(scheduler, x0b, noise, tb)
             eps = ClassifierFreeGuidance(wb, null)(denoiser, x_t, tb, y)
-            for key, value in zip(FIELDS, (x_t, tb, y, wb, eps), strict=True):
-                out[key].append(value)
-    return {k: torch.cat(v) for k, v in out.items()}
+            out.add(x_t=x_t, t=tb, labels=y, w=wb, eps=eps)
+
+
+class ShardWriter:
+    """Buffer samples and write a shard whenever `shard_size` of them are ready.
+
+    The manifest is written last, by `close`: its presence means the set is complete.
+    """
+
+    def __init__(self, out_dir, shard_size: int, meta: dict):
+        self.out_dir, self.shard_size, self.meta = Path(out_dir), shard_size, meta
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.buffer: dict[str, list[torch.Tensor]] = {k: [] for k in FIELDS}
+        self.buffered = 0
+        self.shards: list[dict] = []
+
+    def add(self, **fields: torch.Tensor) -> None:
+        if set(fields) != set(FIELDS):
+            raise ValueError(f"a trajectory sample has fields {FIELDS}, got {sorted(fields)}")
+        for key, value in fields.items():
+            self.buffer[key].append(value.detach().cpu())
+        self.buffered += len(fields["t"])
+        while self.buffered >= self.shard_size:
+            self._write(self.shard_size)
+
+    def _write(self, n: int) -> None:
+        data = {k: torch.cat(v) for k, v in self.buffer.items()}
+        path = self.out_dir / f"shard_{len(self.shards):05d}.safetensors"
+        chunk = {k: v[:n] for k, v in data.items()}
+        save_tensors(path, chunk, kind=SHARD_KIND, metadata=self.meta)
+        self.shards.append({"file": path.name, "samples": n, "sha256": sha256_file(path)})
+        self.buffer = {k: [v[n:]] for k, v in data.items()}
+        self.buffered -= n
+
+    def close(self) -> int:
+        """Write the last, partial shard and the manifest; the number of samples written."""
+        if self.buffered:
+            self._write(self.buffered)
+        total = sum(s["samples"] for s in self.shards)
+        manifest = {**self.meta, "samples": total, "shards": self.shards}
+        write_json(self.out_dir / "manifest.json", manifest)
+        return total
 
 
 def write_shards(out_dir, data: dict, shard_size: int, meta: dict) -> None:
-    """Write the samples as shards plus a manifest (written last: its presence means complete)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(data["t"])
-    shards = []
-    for i in range(math.ceil(n / shard_size)):
-        path = out_dir / f"shard_{i:05d}.safetensors"
-        chunk = {k: v[i * shard_size : (i + 1) * shard_size] for k, v in data.items()}
-        save_tensors(path, chunk, kind=SHARD_KIND, metadata=meta)
-        shards.append({"file": path.name, "samples": len(chunk["t"]), "sha256": sha256_file(path)})
-    write_json(out_dir / "manifest.json", {**meta, "samples": n, "shards": shards})
+    """Write in-memory samples as shards plus a manifest."""
+    writer = ShardWriter(out_dir, shard_size, meta)
+    writer.add(**data)
+    writer.close()
+
+
+class TrajectoryStore:
+    """The samples of a trajectory directory, memory-mapped, checked against its manifest.
+
+    `store[rows]` gathers rows by global index (any order, repeats allowed) and reads
+    only their pages, so a random minibatch costs memory for the batch, not the set.
+    """
+
+    def __init__(self, directory):
+        directory = Path(directory)
+        manifest = read_json(directory / "manifest.json")
+        if not isinstance(manifest, dict) or "shards" not in manifest:
+            raise ReproInputError(f"{directory / 'manifest.json'}: not a trajectory manifest")
+        if not manifest["shards"]:
+            raise ReproInputError(f"{directory}: the manifest lists no shards")
+        self.shards = []
+        for shard in manifest["shards"]:
+            path = directory / shard["file"]
+            tensors, _ = map_tensors(path, kind=SHARD_KIND, required=FIELDS)
+            lengths = {len(tensors[k]) for k in FIELDS}
+            if lengths != {shard["samples"]}:
+                raise ReproInputError(
+                    f"{path}: holds {sorted(lengths)} samples, manifest says {shard['samples']}"
+                )
+            self.shards.append(tensors)
+        sizes = torch.tensor([s["samples"] for s in manifest["shards"]])
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside [0, {len(self)})")
+        shard_of = torch.searchsorted(self.starts, rows, right=True) - 1
+        first = self.shards[0]
+        out = {k: first[k].new_empty((len(rows), *first[k].shape[1:])) for k in FIELDS}
+        for s in shard_of.unique().tolist():
+            pick = torch.nonzero(shard_of == s).flatten()
+            local = rows[pick] - self.starts[s]
+            for k in FIELDS:
+                out[k][pick] = self.shards[s][k][local]
+        return out
+
+    def all(self) -> dict[str, torch.Tensor]:
+        return self[torch.arange(len(self))]
 
 
 def load_trajectories(directory) -> dict[str, torch.Tensor]:
-    """All samples of a trajectory directory, checked against its manifest."""
-    directory = Path(directory)
-    manifest = read_json(directory / "manifest.json")
-    if not isinstance(manifest, dict) or "shards" not in manifest:
-        raise ReproInputError(f"{directory / 'manifest.json'}: not a trajectory manifest")
-    parts = []
-    for shard in manifest["shards"]:
-        path = directory / shard["file"]
-        tensors, _ = load_tensors(path, kind=SHARD_KIND, required=FIELDS)
-        if len(tensors["t"]) != shard["samples"]:
-            raise ReproInputError(
-                f"{path}: holds {len(tensors['t'])} samples, manifest says {shard['samples']}"
-            )
-        parts.append(tensors)
-    if not parts:
-        raise ReproInputError(f"{directory}: the manifest lists no shards")
-    return {k: torch.cat([p[k] for p in parts]) for k in FIELDS}
+    """All samples of a trajectory directory in memory (small scales, tests)."""
+    return TrajectoryStore(directory).all()
 
 
 def main(argv=None) -> None:
@@ -162,13 +228,15 @@ def main(argv=None) -> None:
         cfg.num_embeds_ada_norm, p["per_class"], p["w_min"], p["w_max"], p["seed"]
     )
     steps = p["sampler"]["steps"]
+    meta = {"kind": args.kind, "trajectories": len(labels), "steps": steps, "params": p}
+    out = ShardWriter(args.out, p["shard_size"], meta)
     if args.kind == "cfg":
-        data = cfg_trajectories(
-            denoiser, scheduler, labels, w, shape, steps, null, p["batch_size"], p["seed"]
+        cfg_trajectories(
+            denoiser, scheduler, labels, w, shape, steps, null, p["batch_size"], p["seed"], out
         )
     else:
         real = load_image_dataset(args.train, kind="digits")
-        data = standard_trajectories(
+        standard_trajectories(
             denoiser,
             scheduler,
             real.images,
@@ -179,10 +247,10 @@ def main(argv=None) -> None:
             null,
             p["batch_size"],
             p["seed"],
+            out,
         )
-    meta = {"kind": args.kind, "trajectories": len(labels), "steps": steps, "params": p}
-    write_shards(args.out, data, p["shard_size"], meta)
-    log.info("%s trajectories: %d samples in %s", args.kind, len(data["t"]), args.out)
+    total = out.close()
+    log.info("%s trajectories: %d samples in %s", args.kind, total, args.out)
 
 
 if __name__ == "__main__":

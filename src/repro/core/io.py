@@ -110,6 +110,68 @@ def load_tensors(
     return tensors, meta
 
 
+# safetensors dtype names -> torch dtypes, for memory-mapped reads.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def map_tensors(
+    path: str | os.PathLike,
+    kind: str | None = None,
+    required: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Memory-mapped tensors of a repro safetensors file: pages are read when indexed.
+
+    For data sets larger than memory (paper-scale trajectories): `tensors["x"][rows]`
+    reads only those rows from disk. The file is checked as `load_tensors` checks it
+    (kind, required keys) and against truncation (every tensor must lie inside the
+    file). The map is copy-on-write, so writing to a tensor never changes the file.
+    """
+    import mmap
+
+    path = Path(path)
+    meta = read_metadata(path)  # refuses a missing, truncated-header or non-safetensors file
+    if kind is not None and meta.get("repro_kind") != kind:
+        raise ReproInputError(
+            f"{path}: expected a '{kind}' file, found '{meta.get('repro_kind', 'no repro kind')}'"
+        )
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        size = os.fstat(f.fileno()).st_size
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ReproInputError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        if start + end > size:
+            raise ReproInputError(f"{path}: truncated (tensor {name!r} ends past the file's end)")
+        count = (end - begin) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:  # frombuffer refuses an empty view
+            tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin)
+        tensors[name] = flat.view(entry["shape"])
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise ReproInputError(f"{path}: missing tensors {missing}")
+    return tensors, meta
+
+
 def write_json(path: str | os.PathLike, obj: object) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
