@@ -21,6 +21,7 @@ from repro.core.diffusion import (
     ClassifierFreeGuidance,
     DistilledGuidance,
     DiTDenoiser,
+    eps_of,
     make_scheduler,
     sample,
 )
@@ -164,12 +165,13 @@ def test_build_dit_pretrained_paper_scale_path(tmp_path):
     x, t, labels, w = inputs()
     assert torch.equal(base_eps(base, x, t, labels), base_eps(saved, x, t, labels))
 
-    # Denoisers keep the eps half only, and the adapters attach to it as to any DiT.
-    eps = DiTDenoiser(base)(x, t, labels)
-    assert eps.shape == (4, 1, 8, 8)
+    # Denoisers return eps and the learned variance (eps_of takes eps); the adapters attach
+    # to it as to any DiT (zero-initialised: the same output).
+    out = DiTDenoiser(base)(x, t, labels)
+    assert out.shape == (4, 2, 8, 8) and eps_of(out, x).shape == (4, 1, 8, 8)
     with torch.no_grad():
         adapted = AdaptedDiT(base, tiny_adapters())(x, t, labels, w)
-    torch.testing.assert_close(adapted, eps, rtol=0, atol=0)
+    torch.testing.assert_close(adapted, out, rtol=0, atol=0)
 
     with pytest.raises(ReproInputError, match="params.pretrained"):
         build_dit({**params, "subfolder": "unet"})

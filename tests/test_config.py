@@ -57,6 +57,7 @@ BAD = [
     ("data.digits.val_fraction", 0.9, ["data.digits.val_fraction", "maximum"]),
     ("agd.figures.grid_classes", [0, 12], ["agd.figures.grid_classes", "12"]),
     ("threads.default", 1.5, ["threads.default", "not of type 'integer'"]),
+    ("agd.sampler.variance_type", "learned", ["agd.sampler.variance_type", "'learned_range'"]),
 ]
 
 
@@ -144,3 +145,10 @@ def test_paper_plan_asks_for_a_gpu_in_every_gpu_rule(tmp_path):
             seen.add(name)
             assert "gpu=1" in job, f"{name} does not ask for a GPU:\n{job}"
     assert seen == gpu_rules
+
+
+def test_learned_variance_needs_ddpm():
+    cfg = tiny()
+    cfg["agd"]["sampler"].update(kind="ddim", variance_type="learned_range")
+    with pytest.raises(ReproInputError, match=r"agd.sampler.variance_type.*needs kind 'ddpm'"):
+        validate_config(cfg)

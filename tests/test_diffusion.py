@@ -10,6 +10,7 @@ from repro.core.diffusion import (
     DistilledGuidance,
     DiTDenoiser,
     NoGuidance,
+    eps_of,
     epsilon_loss,
     make_scheduler,
     q_sample,
@@ -240,13 +241,14 @@ def test_dit_denoiser_on_a_tiny_dit():
     with pytest.raises(ValueError, match="guidance scale"):
         denoiser(x, t, labels, torch.ones(3))
 
-    # A learned-sigma DiT (2C outputs, like DiT-XL/2): only the eps half is returned.
+    # A learned-sigma DiT (2C outputs, like DiT-XL/2): eps then variance, eps_of takes eps.
     sigma_model = tiny_dit(out_channels=2)
     with torch.no_grad():
-        eps = DiTDenoiser(sigma_model)(x, t, labels)
+        out = DiTDenoiser(sigma_model)(x, t, labels)
         full = sigma_model(x, timestep=t, class_labels=labels).sample
-    assert full.shape[1] == 2 and eps.shape == (3, 1, 8, 8)
-    torch.testing.assert_close(eps, full[:, :1])
+    assert out.shape == (3, 2, 8, 8)
+    torch.testing.assert_close(out, full)
+    torch.testing.assert_close(eps_of(out, x), full[:, :1])
 
     result = sample(
         denoiser,
@@ -260,3 +262,65 @@ def test_dit_denoiser_on_a_tiny_dit():
     )
     assert result.images.shape == (2, 1, 8, 8) and torch.isfinite(result.images).all()
     assert result.nfe_per_image == 8 and result.trajectory["x_t"].shape[0] == 4
+
+
+class VarianceDenoiser(ToyDenoiser):
+    """ToyDenoiser's eps plus one variance channel that depends on the label (2C outputs)."""
+
+    def __init__(self, variance: float = 0.0):
+        super().__init__()
+        self.variance = variance
+
+    def forward(self, x, t, labels, w=None):
+        eps = super().forward(x, t, labels, w)
+        v = self.variance + 0.1 * labels.float()[:, None, None, None]
+        return torch.cat([eps, v.expand_as(eps)], dim=1)
+
+
+def run_learned(denoiser, variance_type, guidance=None, record=False):
+    scheduler = make_scheduler("ddpm", num_train_timesteps=100, variance_type=variance_type)
+    return sample(
+        denoiser,
+        scheduler,
+        labels=torch.tensor([0, 1, 2]),
+        shape=SHAPE,
+        steps=5,
+        guidance=guidance or NoGuidance(),
+        generator=torch.Generator().manual_seed(0),
+        record=record,
+    )
+
+
+def test_learned_variance_is_used_only_when_configured():
+    fixed = [run_learned(VarianceDenoiser(v), "fixed_small").images for v in (-1.0, 1.0)]
+    torch.testing.assert_close(fixed[0], fixed[1])  # variance channels ignored
+    learned = [run_learned(VarianceDenoiser(v), "learned_range").images for v in (-1.0, 1.0)]
+    assert not torch.allclose(learned[0], learned[1])  # ... and used
+    assert learned[0].shape == (3, *SHAPE)
+    # With the variance pinned to the fixed_small end of the range (v = -1), learned_range
+    # steps exactly like fixed_small (diffusers interpolates log-variances in [-1, 1]).
+    pinned = VarianceDenoiser(-1.0)
+    pinned.forward = lambda x, t, labels, w=None, d=pinned: torch.cat(
+        [ToyDenoiser.forward(d, x, t, labels, w), -torch.ones_like(x)], dim=1
+    )
+    torch.testing.assert_close(run_learned(pinned, "learned_range").images, fixed[0])
+
+
+def test_cfg_guides_eps_and_keeps_the_conditional_variance():
+    denoiser = VarianceDenoiser(0.5)
+    x, t, labels = torch.randn(3, *SHAPE), torch.tensor([5, 50, 90]), torch.tensor([0, 1, 2])
+    out = ClassifierFreeGuidance(3.0, NULL)(denoiser, x, t, labels)
+    cond, uncond = denoiser(x, t, labels), denoiser(x, t, torch.full_like(labels, NULL))
+    assert out.shape == (3, 2, *SHAPE[1:])
+    torch.testing.assert_close(out[:, :1], uncond[:, :1] + 3.0 * (cond[:, :1] - uncond[:, :1]))
+    torch.testing.assert_close(out[:, 1:], cond[:, 1:])
+    # Trajectories store the guided eps only (C channels).
+    result = run_learned(denoiser, "learned_range", ClassifierFreeGuidance(3.0, NULL), True)
+    assert result.trajectory["eps"].shape[2:] == SHAPE
+
+
+def test_learned_variance_without_variance_channels_is_a_clear_error():
+    with pytest.raises(ReproInputError, match="variance_type='learned_range'.*no variance"):
+        run_learned(ToyDenoiser(), "learned_range")
+    with pytest.raises(ReproInputError, match="variance_type.*needs kind 'ddpm'"):
+        make_scheduler("ddim", variance_type="learned_range")

@@ -21,6 +21,7 @@ from repro.agd.model import AdaptedDiT, AGDAdapters, load_dit, save_adapters
 from repro.agd.trajectories import TrajectoryStore
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
+from repro.core.diffusion import eps_of
 from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def distill(
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         batch = data[torch.randint(n, (batch_size,), generator=gen)]
         pred = student(batch["x_t"], batch["t"], batch["labels"], batch["w"])
-        return F.mse_loss(pred, batch["eps"])
+        return F.mse_loss(eps_of(pred, batch["x_t"]), batch["eps"])
 
     modules = {"adapters": student.adapters}
     if student.train_base:

@@ -30,6 +30,7 @@ from repro.core.data import load_image_dataset
 from repro.core.diffusion import (
     ClassifierFreeGuidance,
     DiTDenoiser,
+    eps_of,
     q_sample,
     scheduler_from_params,
 )
@@ -63,8 +64,8 @@ def guidance_distillation(args, params: dict):
         w = w_min + (w_max - w_min) * torch.rand(batch, generator=gen)
         x_t = q_sample(scheduler, x0, torch.randn(x0.shape, generator=gen), t)
         with torch.no_grad():
-            target = ClassifierFreeGuidance(w, null)(teacher, x_t, t, y)
-        return F.mse_loss(student(x_t, t, y, w), target)
+            target = eps_of(ClassifierFreeGuidance(w, null)(teacher, x_t, t, y), x_t)
+        return F.mse_loss(eps_of(student(x_t, t, y, w), x_t), target)
 
     summary = fit(
         modules={"adapters": student.adapters, "base": student.base},

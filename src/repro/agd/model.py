@@ -355,7 +355,7 @@ class AdaptedDiT(nn.Module):
             out = self.base(x, timestep=t, class_labels=labels).sample
         finally:
             self._cond = None
-        return out[:, : x.shape[1]]
+        return out  # eps (and the learned variance, for DiT-XL/2): see eps_of
 
     def train(self, mode: bool = True):
         super().train(mode)

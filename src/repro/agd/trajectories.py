@@ -31,6 +31,7 @@ from repro.core.data import load_image_dataset
 from repro.core.diffusion import (
     ClassifierFreeGuidance,
     DiTDenoiser,
+    eps_of,
     q_sample,
     sample,
     scheduler_from_params,
@@ -104,7 +105,7 @@ def standard_trajectories(
             tb = torch.full((len(y),), int(t), dtype=torch.long)
             noise = torch.randn(x0b.shape, generator=gen)
             x_t = q_sample(scheduler, x0b, noise, tb)
-            eps = ClassifierFreeGuidance(wb, null)(denoiser, x_t, tb, y)
+            eps = eps_of(ClassifierFreeGuidance(wb, null)(denoiser, x_t, tb, y), x_t)
             out.add(x_t=x_t, t=tb, labels=y, w=wb, eps=eps)
 
 

@@ -79,6 +79,12 @@ def cross_checks(cfg: Mapping) -> list[str]:
                     f"agd.eval.guidance_scales: {w} lies outside the trained range "
                     f"agd.trajectories [w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
                 )
+    sampler = agd["sampler"]
+    if sampler["kind"] == "ddim" and sampler.get("variance_type", "fixed_small") != "fixed_small":
+        errors.append(
+            f"agd.sampler.variance_type: {sampler['variance_type']!r} needs kind 'ddpm' "
+            "(DDIM has no variance to learn)"
+        )
     model = agd["base"]["model"]
     if model["sample_size"] % model["patch_size"]:
         errors.append(

@@ -1,10 +1,13 @@
 """One DDPM/DDIM sampler with pluggable guidance, shared by the diffusion papers.
 
-A *denoiser* is any callable `denoiser(x, t, labels, w) -> eps` with
+A *denoiser* is any callable `denoiser(x, t, labels, w) -> out` with
 x: [B,C,H,W] float, t: [B] long, labels: [B] long and w: [B] float or None
-(the guidance scale, only for guidance-distilled models). A *guidance* strategy
-turns a denoiser into the eps that the scheduler steps with, and says how many
-network evaluations (NFEs) that costs per step.
+(the guidance scale, only for guidance-distilled models). `out` is eps [B,C,H,W],
+or eps followed by C variance channels [B,2C,H,W] for a model that learns its
+variance (DiT-XL/2); `eps_of(out, x)` takes the eps part. A *guidance* strategy
+turns a denoiser into the output that the scheduler steps with (guidance acts on
+eps; the variance channels come from the conditional prediction, as in DiT), and
+says how many network evaluations (NFEs) that costs per step.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ SCHEDULER_PARAM_KEYS = (
     "beta_end",
     "clip_sample",
     "timestep_spacing",
+    "variance_type",
 )
+# DDPM variance: fixed (from the betas) or learned by the model (DiT-XL/2's 2C outputs).
+LEARNED_VARIANCE = ("learned", "learned_range")
+
+
+def eps_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The eps channels of a denoiser's output (drops learned-variance channels, if any)."""
+    return out[:, : x.shape[1]]
 
 
 def make_scheduler(
@@ -59,6 +70,12 @@ def make_scheduler(
     }
     if kind == "ddim":
         config["set_alpha_to_one"] = False
+        if kw.get("variance_type", "fixed_small") != "fixed_small":
+            raise ReproInputError(
+                f"sampler.variance_type={kw['variance_type']!r} needs kind 'ddpm' "
+                "(DDIM has no variance to learn)"
+            )
+        kw.pop("variance_type", None)
     config.update(kw)
     return SCHEDULERS[kind](**config)
 
@@ -112,8 +129,8 @@ def epsilon_loss(
             raise ValueError("epsilon_loss: p_uncond > 0 needs a null_label")
         drop = torch.rand(b, generator=generator, device=device).to(x0.device) < p_uncond
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    eps = denoiser(q_sample(scheduler, x0, noise, t), t, labels, None)
-    return F.mse_loss(eps, noise)
+    x_t = q_sample(scheduler, x0, noise, t)
+    return F.mse_loss(eps_of(denoiser(x_t, t, labels, None), x0), noise)
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -143,9 +160,12 @@ class ClassifierFreeGuidance:
 
     def __call__(self, denoiser, x, t, labels):
         null = torch.full_like(labels, self.null_label)
-        eps = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), None)
-        eps_c, eps_u = eps.chunk(2)
-        return eps_u + _per_sample(self.scale, x) * (eps_c - eps_u)
+        out = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), None)
+        out_c, out_u = out.chunk(2)
+        eps_c, eps_u = eps_of(out_c, x), eps_of(out_u, x)
+        guided = eps_u + _per_sample(self.scale, x) * (eps_c - eps_u)
+        # A learned variance is taken from the conditional prediction (DiT's sampler).
+        return torch.cat([guided, out_c[:, x.shape[1] :]], dim=1)
 
 
 class DistilledGuidance:
@@ -201,6 +221,7 @@ def sample(
     always stochastic); the DDPM/DDIM noise also comes from `generator`.
     """
     b, device = labels.shape[0], labels.device
+    learned = getattr(scheduler.config, "variance_type", None) in LEARNED_VARIANCE
     x = torch.randn((b, *shape), generator=generator, device=generator.device).to(device)
     x = x * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
@@ -208,12 +229,20 @@ def sample(
     xs, ts, epss = [], [], []
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=None if progress else True):
         t_batch = t.to(device=device, dtype=torch.long).expand(b)
-        eps = guidance(denoiser, x, t_batch, labels)
+        out = guidance(denoiser, x, t_batch, labels)
+        if learned and out.shape[1] != 2 * x.shape[1]:
+            raise ReproInputError(
+                f"sampler.variance_type={scheduler.config.variance_type!r}: the model predicts "
+                f"{out.shape[1]} channels for {x.shape[1]}-channel images, no variance; "
+                "use variance_type 'fixed_small'"
+            )
+        eps = eps_of(out, x)
         if record:
             xs.append(x.cpu())
             ts.append(int(t))
             epss.append(eps.cpu())
-        x = scheduler.step(eps, t, x, generator=generator, **step_kw).prev_sample
+        x = scheduler.step(out if learned else eps, t, x, generator=generator, **step_kw)
+        x = x.prev_sample
     trajectory = None
     if record:
         trajectory = {
@@ -228,8 +257,8 @@ def sample(
 class DiTDenoiser(nn.Module):
     """The denoiser protocol for a diffusers DiTTransformer2DModel.
 
-    DiT-XL/2 learns the variance too (2C output channels); only the first C
-    channels (eps) are returned.
+    DiT-XL/2 learns the variance too: its 2C output channels are returned whole
+    (eps, then variance); `eps_of` takes the eps part.
     """
 
     def __init__(self, model: nn.Module):
@@ -239,5 +268,4 @@ class DiTDenoiser(nn.Module):
     def forward(self, x, t, labels, w=None):
         if w is not None:
             raise ValueError("DiTDenoiser: a plain DiT takes no guidance scale w (use AdaptedDiT)")
-        out = self.model(x, timestep=t, class_labels=labels).sample
-        return out[:, : x.shape[1]]
+        return self.model(x, timestep=t, class_labels=labels).sample
