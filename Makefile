@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch
 	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	# torch-fidelity: the reference network of tests/test_inception.py only, unpacked beside
+	# the venv, never into it (torchmetrics would import it, and it imports torchvision).
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/reference/torch-fidelity torch-fidelity==0.4.0
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

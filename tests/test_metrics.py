@@ -122,11 +122,49 @@ def test_build_scorer_errors_name_the_key(tmp_path, reference):
         )
 
 
-def test_inception_offline_is_a_clear_error(reference, tmp_path):
-    # Offline (and without torch-fidelity) the paper-scale net cannot load: a clear error, not
-    # a hang or a traceback from deep inside. With a bogus local weights file it fails too.
-    with pytest.raises(ReproInputError, match="feature_net='inception'"):
-        build_scorer(
-            {"feature_net": "inception", "inception_weights": str(tmp_path / "none.pth")},
-            reference[:4],
-        )
+def test_inception_without_local_weights_is_a_clear_error(reference, tmp_path):
+    # The paper-scale net never downloads: no weights file, or an unusable one, is an error
+    # naming the config key (and the file), and saying how to make the file.
+    with pytest.raises(ReproInputError, match="params.inception_weights: missing.*convert"):
+        build_scorer({"feature_net": "inception"}, reference[:4])
+    absent = tmp_path / "none.safetensors"
+    with pytest.raises(ReproInputError, match=f"params.inception_weights.*{absent}.*convert"):
+        build_scorer({"feature_net": "inception", "inception_weights": str(absent)}, reference[:4])
+    pth = tmp_path / "weights.pth"  # the official file, not converted yet
+    torch.save({"fc.weight": torch.zeros(2, 2)}, pth)
+    with pytest.raises(ReproInputError, match=f"params.inception_weights.*{pth}.*convert"):
+        build_scorer({"feature_net": "inception", "inception_weights": str(pth)}, reference[:4])
+
+
+def test_build_scorer_inception_scores_end_to_end(tmp_path):
+    from repro.core.inception import InceptionV3, load_inception, save_inception, to_uint8_rgb
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.safetensors"
+    save_inception(path, InceptionV3().state_dict())  # random weights, the real file format
+    ref, fake = images(4, seed=10), images(3, seed=11) * 0.5
+    params = {"feature_net": "inception", "inception_weights": str(path), "batch_size": 2}
+    scorer = build_scorer(params, ref)
+    result = scorer.score(fake)
+
+    net = load_inception(path)
+    with torch.no_grad():
+        ref_feats, _ = net(to_uint8_rgb(ref))
+        feats, logits = net(to_uint8_rgb(fake))
+    # With fewer images than dimensions, Tr (S1 S2)^1/2 is the nuclear norm of A1 A2^T
+    # (A = centred features): an independent, cheap check of the 2048-d FID.
+    a1 = ref_feats.double() - ref_feats.double().mean(0)
+    a2 = feats.double() - feats.double().mean(0)
+    n1, n2 = len(a1), len(a2)
+    want_fid = float(
+        (ref_feats.double().mean(0) - feats.double().mean(0)).square().sum()
+        + a1.square().sum() / (n1 - 1)
+        + a2.square().sum() / (n2 - 1)
+        - 2 * torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc") / ((n1 - 1) * (n2 - 1)) ** 0.5
+    )
+    assert want_fid > 1e-3
+    assert result["fid"] == pytest.approx(want_fid, rel=1e-3)
+    want_is = inception_score(logits)  # near 1 with random weights: compare IS - 1
+    assert want_is - 1 > 1e-5
+    assert result["inception_score"] - 1 == pytest.approx(want_is - 1, rel=1e-3)
+    assert result["num_images"] == 3

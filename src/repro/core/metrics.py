@@ -1,10 +1,11 @@
 """FID and Inception Score with a pluggable feature network.
 
 One implementation serves both scales: at tiny scale the features and logits come
-from the 8x8 DigitClassifier, at paper scale from torchmetrics' Inception-v3. The
-Frechet distance itself is torchmetrics' FrechetInceptionDistance fed with features we
-compute ourselves (its `feature` is an identity module), so the reference statistics
-are accumulated once and kept across calls (`reset_real_features=False`).
+from the 8x8 DigitClassifier, at paper scale from the TF-FID Inception-v3
+(repro.core.inception). The Frechet distance itself is torchmetrics'
+FrechetInceptionDistance fed with features we compute ourselves (its `feature` is an
+identity module), so the reference statistics are accumulated once and kept across
+calls (`reset_real_features=False`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from repro.core.errors import ReproInputError
 
@@ -106,36 +106,29 @@ class ImageScorer:
 
 
 class _InceptionV3:
-    """torchmetrics' FID Inception-v3 (2048-d pool features + logits for IS) on [-1, 1] images.
+    """The TF-FID Inception-v3 (repro.core.inception) on [-1, 1] images [N, 1|3, H, W].
 
-    One forward pass serves both: the last batch's outputs are kept so that
-    ImageScorer's feature_fn and logits_fn calls on the same batch run the net once.
+    Images are quantised to uint8 as saved samples are, then resized inside the net with
+    TensorFlow 1's bilinear resize, as the standard FID protocol does. The net runs on
+    the GPU when there is one. One forward pass serves both outputs: the last batch's
+    are kept so that ImageScorer's feature_fn and logits_fn calls on the same batch run
+    the net once.
     """
 
-    def __init__(self, weights_path: str | None = None):
-        from torchmetrics.image.fid import NoTrainInceptionV3
+    def __init__(self, weights_path: str):
+        from repro.core.inception import load_inception
 
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048", "logits_unbiased"],
-            feature_extractor_weights_path=weights_path,
-        )
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = load_inception(weights_path).to(self.device)
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    @staticmethod
-    def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] float [N, 1|3, H, W] -> uint8 [N, 3, 299, 299], as torchmetrics expects."""
-        x = (images.float().clamp(-1, 1) + 1) * 127.5
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        return x.round().clamp(0, 255).to(torch.uint8)
 
     @torch.no_grad()
     def _run(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from repro.core.inception import to_uint8_rgb
+
         if self._last is None or self._last[0] is not images:
-            feats, logits = self.net._torch_fidelity_forward(self.to_uint8_rgb(images))
-            self._last = (images, (feats, logits))
+            feats, logits = self.net(to_uint8_rgb(images).to(self.device))
+            self._last = (images, (feats.cpu(), logits.cpu()))
         return self._last[1]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,8 +140,9 @@ class _InceptionV3:
 
 def build_scorer(params: dict, reference_images: torch.Tensor) -> ImageScorer:
     """An ImageScorer for params["feature_net"]: "digit_classifier" (params["classifier"] =
-    its safetensors file) or "inception" (optional params["inception_weights"] = a local
-    torch-fidelity weights file; otherwise torch-fidelity downloads them)."""
+    its safetensors file) or "inception" (params["inception_weights"] = the FID
+    Inception-v3 weights as a local .safetensors file, made by
+    `python -m repro.core.inception convert`; nothing is downloaded here)."""
     net = params.get("feature_net")
     batch_size = int(params.get("batch_size", 512))
     if net == "digit_classifier":
@@ -159,14 +153,25 @@ def build_scorer(params: dict, reference_images: torch.Tensor) -> ImageScorer:
         model = load_classifier(params["classifier"])
         return ImageScorer(model.features, model, reference_images, batch_size)
     if net == "inception":
-        try:
-            inception = _InceptionV3(params.get("inception_weights"))
-        except Exception as err:  # missing torch-fidelity, no network, bad weights file
+        from repro.core.inception import URL_INCEPTION_V3
+
+        how = (
+            f"download {URL_INCEPTION_V3} and convert it with `python -m repro.core.inception "
+            "convert --pth FILE.pth --out FILE.safetensors`, or use "
+            "feature_net='digit_classifier'"
+        )
+        path = params.get("inception_weights")
+        if not path:
             raise ReproInputError(
-                "params.feature_net='inception': cannot load torchmetrics' Inception-v3 "
-                f"weights ({type(err).__name__}: {err}). It needs torch-fidelity and its weights "
-                "(downloaded, or params.inception_weights); use feature_net='digit_classifier' "
-                "offline."
+                "params.inception_weights: missing; feature_net='inception' needs the FID "
+                f"Inception-v3 weights as a local .safetensors file: {how}"
+            )
+        try:
+            inception = _InceptionV3(path)
+        except ReproInputError as err:  # names the file; add the key and the remedy
+            raise ReproInputError(
+                f"params.inception_weights (feature_net='inception'): {err}. To make the "
+                f"file: {how}"
             ) from err
         return ImageScorer(inception.features, inception.logits, reference_images, batch_size)
     raise ReproInputError(f"params.feature_net: {net!r} is not one of {list(FEATURE_NETS)}")
