@@ -13,6 +13,7 @@ wildcard_constraints:
 rule agd_base:
     input:
         train=rules.digits.output.train,
+        hub=hub_input("agd.base.pretrained"),
     output:
         model=directory("models/agd/base"),
         metrics="results/agd/base_metrics.json",
@@ -30,7 +31,9 @@ rule agd_base:
     params:
         py=PYTHON,
         scale=SCALE,
-        cfg=section("agd", "base", sampler=AGD["sampler"]),
+        cfg=section(
+            "agd", "base", sampler=AGD["sampler"], **hub_options("agd.base.pretrained")
+        ),
         checkpoints="checkpoints/agd_base",
     shell:
         "{params.py} -m repro.agd.base --train {input.train:q} --out {output.model:q}"
@@ -139,6 +142,7 @@ rule agd_transfer:
     input:
         base=rules.agd_base.output.model,
         glyphs="data/glyphs/train.safetensors",
+        hub=hub_input("agd.transfer.pretrained"),
     output:
         model=directory("models/agd/derived"),
         metrics="results/agd/transfer_metrics.json",
@@ -156,7 +160,12 @@ rule agd_transfer:
     params:
         py=PYTHON,
         scale=SCALE,
-        cfg=section("agd", "transfer", sampler=AGD["sampler"]),
+        cfg=section(
+            "agd",
+            "transfer",
+            sampler=AGD["sampler"],
+            **hub_options("agd.transfer.pretrained"),
+        ),
         checkpoints="checkpoints/agd_transfer",
     shell:
         "{params.py} -m repro.agd.transfer --base {input.base:q} --data {input.glyphs:q}"
@@ -169,6 +178,7 @@ rule agd_transfer:
 rule agd_eval:
     input:
         unpack(agd_eval_inputs),
+        hub=hub_input("agd.base.vae"),
     output:
         "results/agd/eval/{agd_checkpoint}/{agd_method}.csv",
     log:
@@ -190,7 +200,10 @@ rule agd_eval:
             "eval",
             sampler=AGD["sampler"],
             vae=AGD["base"].get("vae"),
-            local_files_only=AGD["base"].get("local_files_only", True),
+            **hub_options(
+                "agd.base.vae",
+                local_files_only=AGD["base"].get("local_files_only", True),
+            ),
         ),
         adapters=eval_option("--adapters", "adapters"),
         gd=eval_option("--gd", "gd"),

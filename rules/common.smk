@@ -44,6 +44,29 @@ def glyph_params(split):
     return json.dumps(glyphs, sort_keys=True)
 
 
+# ---- Hub checkpoints: fetched by rules/hub.smk on this host, read from the cache by jobs ----
+from repro.core.hub import hub_sources
+
+HUB = config["hub"]
+HUB_SOURCES = hub_sources(config)
+HUB_MANIFEST = "models/hub/manifest.json"
+
+
+def hub_input(*keys):
+    """The manifest, as input of a job that loads the checkpoints of config `keys` (if on the hub)."""
+    return [HUB_MANIFEST] if any(s.key in keys for s in HUB_SOURCES) else []
+
+
+def hub_options(*keys, **defaults):
+    """`defaults`, plus from_pretrained's cache options when one of `keys` names a hub checkpoint."""
+    if not any(s.key in keys for s in HUB_SOURCES):
+        return defaults
+    options = {**defaults, "cache_dir": HUB["cache_dir"]}
+    if HUB["offline"]:
+        options["local_files_only"] = True
+    return options
+
+
 # ---- AGD: which files a job needs, chosen from the wildcards ----
 AGD = config["agd"]
 AGD_FIGURES = [

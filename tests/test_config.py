@@ -58,6 +58,9 @@ BAD = [
     ("agd.figures.grid_classes", [0, 12], ["agd.figures.grid_classes", "12"]),
     ("threads.default", 1.5, ["threads.default", "not of type 'integer'"]),
     ("agd.sampler.variance_type", "learned", ["agd.sampler.variance_type", "'learned_range'"]),
+    ("sla.kernel_bench.block_q", 48, ["sla.kernel_bench.block_q", "64"]),
+    ("sla.kernel_bench.sparsities", [0.95, 0.05], ["sla.kernel_bench", "0.05", "k_l"]),
+    ("sla", DELETE, ["(top level)", "'sla' is a required property"]),
 ]
 
 

@@ -86,7 +86,9 @@ def main(argv=None) -> None:
         summary = {"steps": 0, "final_loss": float("nan")}
     else:
         data = load_image_dataset(args.train, kind="digits")
-        model = build_dit(params["model"])
+        # Seeded init: the same config gives the same base in every process (torch's
+        # global RNG is not reliably at its default seed once the libraries are imported).
+        model = build_dit({**params["model"], "seed": params["seed"]})
         checkpoints = run_directory(args.checkpoint_dir, params, [args.train])
         model, summary = train_denoiser(
             model, params, data.images, data.labels, checkpoints, desc="agd_base"

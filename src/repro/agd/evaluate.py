@@ -92,7 +92,9 @@ def evaluate_seed(args, params, scorers, seed, adapters=None, gd=None) -> list[d
             )
         ]
     method = load_method(args.method, args.checkpoint, adapters, gd)
-    decode = load_decoder(params.get("vae"), params.get("local_files_only", True))
+    decode = load_decoder(
+        params.get("vae"), params.get("local_files_only", True), params.get("cache_dir")
+    )
     labels = balanced_labels(n, method.num_classes)
     scheduler = scheduler_from_params(params["sampler"])
     scales = params["guidance_scales"] if args.method in GUIDED else [1.0]

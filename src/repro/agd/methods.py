@@ -88,18 +88,21 @@ def load_method(
     raise ReproInputError(f"agd.eval.methods: unknown method {name!r}")
 
 
-def load_decoder(vae: str | None, local_files_only: bool = True):
+def load_decoder(vae: str | None, local_files_only: bool = True, cache_dir: str | None = None):
     """Latents -> images in [-1, 1] through a diffusers AutoencoderKL, or None.
 
-    Paper scale: DiT-XL/2 samples 4x32x32 latents of the SD VAE (`agd.base.vae`);
-    tiny scale samples pixels and needs no decoder.
+    Paper scale: DiT-XL/2 samples 4x32x32 latents of the SD VAE (`agd.base.vae`),
+    read from the hub cache `cache_dir` (filled by the hub_fetch rule); tiny
+    scale samples pixels and needs no decoder.
     """
     if not vae:
         return None
     from diffusers import AutoencoderKL
 
     try:
-        model = AutoencoderKL.from_pretrained(vae, local_files_only=local_files_only).eval()
+        model = AutoencoderKL.from_pretrained(
+            vae, local_files_only=local_files_only, cache_dir=cache_dir
+        ).eval()
     except (OSError, ValueError) as err:
         raise ReproInputError(f"agd.base.vae: cannot load the VAE {vae!r} ({err})") from err
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from repro.core.cli import require
 from repro.core.errors import ReproInputError
+from repro.core.hub import loader_options
 from repro.core.io import load_tensors, save_tensors
 
 ADAPTER_KIND = "agd_adapters"
@@ -46,8 +47,10 @@ ARCH_KEYS = (
 def build_dit(params: dict) -> DiTTransformer2DModel:
     """A DiT from `params`: loaded from params["pretrained"] or built from ARCH_KEYS.
 
-    Pretrained: a local directory or hub id, optional "subfolder" and
-    "local_files_only" (default False). Built: no learned sigma (out_channels =
+    Pretrained: a local directory or hub id, optional "subfolder", and the cache
+    options of repro.core.hub.loader_options: "cache_dir" (a hub cache, filled by
+    the hub_fetch rule) and "local_files_only" (default False; True reads the
+    cache only, never the network). Built: no learned sigma (out_channels =
     in_channels); an optional "seed" makes the random init reproducible.
     Returned in eval mode (call .train() to get the model's label dropout).
     """
@@ -55,10 +58,7 @@ def build_dit(params: dict) -> DiTTransformer2DModel:
         source, subfolder = params["pretrained"], params.get("subfolder")
         where = f"{source}/{subfolder}" if subfolder else str(source)
         return _from_pretrained(
-            source,
-            f"params.pretrained: {where}",
-            subfolder=subfolder,
-            local_files_only=bool(params.get("local_files_only", False)),
+            source, f"params.pretrained: {where}", subfolder=subfolder, **loader_options(params)
         )
 
     arch = {key: require(params, key) for key in ARCH_KEYS}

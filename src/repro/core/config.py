@@ -104,6 +104,13 @@ def cross_checks(cfg: Mapping) -> list[str]:
             f"agd.figures.grid_guidance_scale: {w} lies outside agd.trajectories "
             f"[w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
         )
+    bench = cfg["sla"]["kernel_bench"]
+    for s in [bench["sparsity"], *bench["sparsities"]]:
+        if (1.0 - s) + bench["k_l"] > 1.0 + 1e-9:
+            errors.append(
+                f"sla.kernel_bench: sparsity {s} leaves {1 - s:.3g} of the blocks critical, "
+                f"which with k_l = {bench['k_l']} negligible exceeds all of them"
+            )
     glyphs = cfg["data"]["glyphs"]
     seeds = {
         "seed": glyphs["seed"],

@@ -1,0 +1,33 @@
+# Hub checkpoints, for jobs on compute nodes that cannot reach the hub. The local
+# rule hub_fetch downloads every checkpoint the config names (repro.core.hub)
+# into hub.cache_dir, on the host that runs Snakemake and before any job needs
+# one; the jobs that load them take its manifest as input and read the cache
+# only (hub_input, hub_options in common.smk). At tiny and smoke scale the config
+# names none: hub_fetch is not in the DAG.
+
+
+rule hub_fetch:
+    output:
+        HUB_MANIFEST,
+    log:
+        "logs/hub/fetch.log",
+    benchmark:
+        "benchmarks/rules/hub/fetch.tsv"
+    localrule: True
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=240,
+    params:
+        py=PYTHON,
+        cfg=json.dumps(
+            {
+                "cache_dir": HUB["cache_dir"],
+                "sources": [s.as_dict() for s in HUB_SOURCES],
+            },
+            sort_keys=True,
+        ),
+    shell:
+        "{params.py} -m repro.core.hub fetch --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
