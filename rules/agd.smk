@@ -200,6 +200,7 @@ rule agd_eval:
             "eval",
             sampler=AGD["sampler"],
             vae=AGD["base"].get("vae"),
+            **({"inception_weights": INCEPTION_WEIGHTS} if USES_INCEPTION else {}),
             **hub_options(
                 "agd.base.vae",
                 local_files_only=AGD["base"].get("local_files_only", True),

@@ -69,6 +69,12 @@ def hub_options(*keys, **defaults):
 
 # ---- AGD: which files a job needs, chosen from the wildcards ----
 AGD = config["agd"]
+# FID with Inception-v3 features (paper scale) reads converted weights: the local
+# rule inception_weights fetches them unless agd.eval.inception_weights names a file.
+INCEPTION_WEIGHTS = (
+    AGD["eval"].get("inception_weights") or "models/hub/inception_v3_fid.safetensors"
+)
+USES_INCEPTION = AGD["eval"]["feature_net"] == "inception"
 AGD_FIGURES = [
     "results/figures/agd_fid_vs_w.png",
     "results/figures/agd_samples.png",
@@ -88,6 +94,8 @@ def agd_eval_inputs(wildcards):
         "validation": f"data/{heldout}/val.safetensors",
         "checkpoint": f"models/agd/{wildcards.agd_checkpoint}",
     }
+    if USES_INCEPTION:
+        inputs["inception_weights"] = INCEPTION_WEIGHTS
     method = wildcards.agd_method
     if method == "agd":
         inputs["adapters"] = [

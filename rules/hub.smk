@@ -31,3 +31,25 @@ rule hub_fetch:
         ),
     shell:
         "{params.py} -m repro.core.hub fetch --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+
+
+# The FID Inception-v3 weights (paper scale, agd.eval.feature_net: inception):
+# downloaded here, converted to safetensors; agd_eval reads that file only.
+rule inception_weights:
+    output:
+        INCEPTION_WEIGHTS,
+    log:
+        "logs/hub/inception_weights.log",
+    benchmark:
+        "benchmarks/rules/hub/inception_weights.tsv"
+    localrule: True
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        py=PYTHON,
+    shell:
+        "{params.py} -m repro.core.inception fetch --out {output:q} > {log:q} 2>&1"

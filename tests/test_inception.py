@@ -29,6 +29,7 @@ from repro.core.inception import (
     NUM_FEATURES,
     InceptionV3,
     convert,
+    fetch,
     load_inception,
     main,
     resize_bilinear_tf1,
@@ -265,3 +266,25 @@ def test_load_inception_refuses_foreign_and_truncated_files(tmp_path):
         load_inception(misshapen)
     with pytest.raises(ReproInputError, match=str(tmp_path / "absent.safetensors")):
         load_inception(tmp_path / "absent.safetensors")
+
+
+def test_fetch_downloads_checks_the_hash_and_converts(tmp_path):
+    state = random_state_dict(seed=4)
+    scratch = tmp_path / "scratch.pth"
+    torch.save(state, scratch)
+    digest = sha256_file(scratch)[:8]
+    good = tmp_path / f"weights-inception-2015-12-05-{digest}.pth"
+    scratch.rename(good)
+    out = tmp_path / "cache" / "inception.safetensors"
+    fetch(out, url=good.as_uri())
+    loaded = load_inception(out).state_dict()
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+    # A file whose content is not what its name promises is refused, and nothing is written.
+    wrong = tmp_path / "weights-inception-2015-12-05-00000000.pth"
+    wrong.write_bytes(good.read_bytes())
+    with pytest.raises(ReproInputError, match="sha256.*does not match"):
+        fetch(tmp_path / "other.safetensors", url=wrong.as_uri())
+    assert not (tmp_path / "other.safetensors").exists()
+    with pytest.raises(ReproInputError, match="download failed"):
+        fetch(tmp_path / "other.safetensors", url=(tmp_path / "missing.pth").as_uri())

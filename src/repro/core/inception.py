@@ -444,6 +444,34 @@ def convert(pth: str | os.PathLike, out: str | os.PathLike) -> None:
     log.info("wrote %s from %s (sha256 %s)", out, pth, meta["source_sha256"])
 
 
+def fetch(out: str | os.PathLike, url: str = URL_INCEPTION_V3) -> None:
+    """Download the official weights from `url` and `convert` them to `out` (.safetensors).
+
+    For the paper scale's local rule `inception_weights`, run on the host that
+    submits jobs (compute nodes may have no internet). The download must be the
+    file its name promises: the sha256 starts with the 8 hex digits in the name.
+    """
+    import tempfile
+    import urllib.request
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        pth = Path(tmp) / Path(url).name
+        try:
+            with urllib.request.urlopen(url, timeout=120) as response, pth.open("wb") as f:
+                f.write(response.read())
+        except OSError as err:
+            raise ReproInputError(f"{url}: download failed ({err})") from err
+        expected = pth.stem.rsplit("-", 1)[-1]
+        digest = sha256_file(pth)
+        if len(expected) == 8 and not digest.startswith(expected):
+            raise ReproInputError(
+                f"{url}: sha256 {digest[:8]}... does not match the name's {expected}"
+            )
+        convert(pth, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m repro.core.inception",
@@ -454,10 +482,16 @@ def main(argv: list[str] | None = None) -> None:
     conv = commands.add_parser("convert", help="official .pth -> .safetensors")
     conv.add_argument("--pth", required=True, help="the downloaded torch-fidelity weights")
     conv.add_argument("--out", required=True, help=".safetensors file to write")
+    get = commands.add_parser("fetch", help="download the official weights and convert them")
+    get.add_argument("--out", required=True, help=".safetensors file to write")
+    get.add_argument("--url", default=URL_INCEPTION_V3, help="where the .pth lives")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        convert(args.pth, args.out)
+        if args.command == "fetch":
+            fetch(args.out, args.url)
+        else:
+            convert(args.pth, args.out)
     except ReproInputError as err:
         sys.exit(f"error: {err}")
 
