@@ -86,7 +86,7 @@ class BlockMask:
 
 
 def _is_power_of_two(n: int) -> bool:
-    return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and (n & (n - 1)) == 0
 
 
 def check_sla_args(
@@ -126,21 +126,39 @@ def check_sla_args(
         raise ValueError(
             f"q, k, v must share head_dim; got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}"
         )
-    head_dim = q.shape[3]
-    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM) or head_dim % 8:
-        raise ValueError(
-            f"head_dim {head_dim} is not supported: it must be a multiple of 8 "
-            f"between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}"
-        )
     if q.shape[2] < 1 or k.shape[2] < 1:
         raise ValueError(f"q and k need at least one token; got lengths {q.shape[2]}, {k.shape[2]}")
+    check_sla_settings(
+        head_dim=q.shape[3], block_q=block_q, block_kv=block_kv, k_h=k_h, k_l=k_l, phi=phi,
+        linear=linear,
+    )  # fmt: skip
+
+
+def check_sla_settings(
+    *,
+    head_dim: int,
+    block_q: int,
+    block_kv: int,
+    k_h: float,
+    k_l: float,
+    phi: str = "softmax",
+    linear: str = "marginal",
+) -> None:
+    """The tensor-free part of check_sla_args: what a module can check at construction."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise ValueError(f"head_dim={head_dim!r} is not supported: it must be an integer")
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM) or head_dim % 8:
+        raise ValueError(
+            f"head_dim={head_dim} is not supported: head_dim {head_dim} must be a multiple "
+            f"of 8 between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}"
+        )
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
         if not _is_power_of_two(block) or not (MIN_BLOCK <= block <= MAX_BLOCK):
             raise ValueError(
                 f"{name}={block!r} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
             )
     for name, frac in (("k_h", k_h), ("k_l", k_l)):
-        if not isinstance(frac, (int, float)) or not (0.0 <= frac <= 1.0):
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
             raise ValueError(f"{name}={frac!r} must be a fraction in [0, 1] (0.05 = 5 %)")
     if k_h + k_l > 1.0 + 1e-9:
         raise ValueError(f"k_h + k_l = {k_h} + {k_l} exceeds 100 % of the blocks")

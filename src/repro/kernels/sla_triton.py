@@ -84,10 +84,8 @@ from torch.autograd.function import once_differentiable
 
 from repro.kernels.sla_reference import (
     CRITICAL,
-    LINEAR,
     LINEAR_EPS,
     MARGINAL,
-    PHI,
     BlockMask,
     check_sla_args,
 )
@@ -820,8 +818,6 @@ def sla_triton(
             f"q is on {q.device}: the Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 set before importing repro.kernels.sla_triton)"
         )
-    if phi not in PHI or linear not in LINEAR:  # check_sla_args said so already
-        raise ValueError(f"phi={phi!r}, linear={linear!r}")
     plan = _make_plan(q, k, mask, phi, linear)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -40,13 +40,9 @@ from repro.core.attention_flops import (
 )
 from repro.kernels.sla import BACKENDS, sla_attention
 from repro.kernels.sla_reference import (
-    MAX_BLOCK,
-    MAX_HEAD_DIM,
-    MIN_BLOCK,
-    MIN_HEAD_DIM,
-    PHI,
     BlockMask,
     check_sla_args,
+    check_sla_settings,
     classify_blocks,
 )
 
@@ -80,33 +76,11 @@ def check_sla_config(
     """Raise ValueError naming the argument for a configuration the kernels cannot run."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; allowed: {', '.join(VARIANTS)}")
-    if phi not in PHI:
-        raise ValueError(f"phi={phi!r} is not a feature map; allowed: {', '.join(PHI)}")
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
-    if (
-        not isinstance(head_dim, int)
-        or not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM)
-        or head_dim % 8
-    ):
-        raise ValueError(
-            f"head_dim={head_dim!r} is not supported: it must be a multiple of 8 "
-            f"between {MIN_HEAD_DIM} and {MAX_HEAD_DIM}"
-        )
-    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if (
-            not isinstance(block, int)
-            or block & (block - 1)
-            or not (MIN_BLOCK <= block <= MAX_BLOCK)
-        ):
-            raise ValueError(
-                f"{name}={block!r} must be a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
-            )
-    for name, frac in (("k_h", k_h), ("k_l", k_l)):
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
-            raise ValueError(f"{name}={frac!r} must be a fraction in [0, 1] (0.05 = 5 %)")
-    if k_h + k_l > 1.0 + 1e-9:
-        raise ValueError(f"k_h + k_l = {k_h} + {k_l} exceeds 100 % of the blocks")
+    check_sla_settings(
+        head_dim=head_dim, block_q=block_q, block_kv=block_kv, k_h=k_h, k_l=k_l, phi=phi
+    )
 
 
 class SparseLinearAttention(nn.Module):
@@ -114,7 +88,7 @@ class SparseLinearAttention(nn.Module):
 
     Configuration is constructor arguments (diffusers' habit); every argument is
     checked here, and tensor shapes are checked by the kernel before it launches.
-    After each forward, `last_mask` holds that call's BlockMask (detached) for
+    After each forward, `last_mask` holds that call's BlockMask (computed without grad) for
     statistics, and an active repro.core.attention_flops.AttentionFlopsCounter
     receives the call's FLOPs.
     """
@@ -216,12 +190,7 @@ class SparseLinearAttention(nn.Module):
             if self.proj is not None:
                 o_l = self.proj(o_l.to(self.proj.weight.dtype))
                 out = o_s.to(o_l.dtype) + o_l
-        self.last_mask = BlockMask(
-            classes=mask.classes.detach(),
-            critical=mask.critical.detach(),
-            block_q=mask.block_q,
-            block_kv=mask.block_kv,
-        )
+        self.last_mask = mask  # classify_blocks runs without grad: nothing to detach
         if counting_attention_flops():
             record_attention_flops(
                 sla_attention_flops(
