@@ -47,6 +47,7 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
         stream=sys.stderr,
     )
     set_threads(args.threads)
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -60,6 +61,38 @@ def set_threads(threads: int) -> None:
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+# glibc mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's own ceiling for its adaptive threshold
+TRIM_THRESHOLD = 1024 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks of up to 32 MB in the heap instead of unmapping them.
+
+    A sampling loop allocates and frees the same few MB-sized activations every
+    step. With glibc's defaults these round-trip through mmap/munmap (and the heap
+    top is trimmed), so every step page-faults fresh zeroed memory: measured on 2
+    cores, an agd_eval job spent 4-6 s of its ~30 s in the kernel; with these two
+    settings it takes ~23 s (training at batch 64 is unchanged). Up to 1 GB of
+    freed memory then stays with the process, which reuses it. Returns True where
+    it applied (Linux with glibc); REPRO_MALLOC_TUNING=0 turns it off.
+    """
+    if os.environ.get("REPRO_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: leave them be
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Fixing either threshold turns off glibc's adaptive one, so both are set.
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def require(params: dict, key: str, section: str = "params"):
