@@ -136,12 +136,17 @@ def speed(throughput, path) -> None:
         capsize=4,
         color=[STYLE[m]["color"] for m in order],
     )
+    top = float((stats.loc[order, "mean"] + stats.loc[order, "std"]).max())
     if "cfg" in stats.index:
-        ax.axhline(2 * stats.loc["cfg", "mean"], color="k", ls="--", lw=1, label="2x CFG (ceiling)")
-        ax.legend(frameon=False, fontsize=8)
+        twice = 2 * stats.loc["cfg", "mean"]
+        ax.axhline(twice, color="k", ls="--", lw=1, label="2x CFG (half the forward passes)")
+        top = max(top, twice)
+        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    # Headroom above the bars and the 2x line, so the legend never sits on them.
+    ax.set_ylim(0, 1.22 * top)
     if set(order) == {"cfg", "agd"}:
         ratio = stats.loc["agd", "mean"] / stats.loc["cfg", "mean"]
-        ax.set_title(f"AGD is {ratio:.2f}x CFG")
+        ax.set_title(f"AGD samples {ratio:.2f}x as fast as CFG (same steps)", fontsize=10)
     row = throughput.iloc[0]
     ax.set_ylabel(f"images / s (batch {row.batch_size}, {row.steps} steps)")
     ax.grid(axis="y", alpha=0.3)
