@@ -3,7 +3,10 @@
 The paper's kernel benchmark (arXiv 2509.24006, Fig. 6): B 2, H 16, D 128, L 32760,
 bf16, 95 % sparsity; metric = dense attention FLOPs / time, 4 B H L^2 D (x2.5 for the
 backward: 2 for the gradients, 0.5 for recomputing P). Here also sweeps over L and
-sparsity, and for every SLA configuration the max error of its outputs (forward rows) or
+sparsity; at the paper's point, the other forms of the linear branch (`forms`: by
+default the official main branch's linear attention over all tokens, and sparse
+attention alone, which bounds what the linear branch may cost); and for every SLA
+configuration the max error of its outputs (forward rows) or
 gradients (backward rows) against `sla_blockwise` on one head, so a GPU run proves the
 kernels right at scale too.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 
 import pandas as pd
 import torch
@@ -58,7 +62,9 @@ COLUMNS = [
     "linear",
 ]
 KERNELS = ("sla", "sdpa_flash", "dense")
+SHAPE_KEYS = ("batch", "heads", "seq_len", "head_dim", "dtype")  # what the baselines depend on
 PASSES = ("forward", "backward")
+LINEAR_FORMS = ("marginal", "all", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # The paper's point; the sweeps vary one knob around it.
@@ -76,6 +82,8 @@ DEFAULTS = {
     "block_kv": 64,
     "phi": "softmax",
     "linear": "marginal",
+    # More forms timed at the paper's point only: (linear, k_l) pairs.
+    "forms": [{"linear": "all", "k_l": 0.0}, {"linear": "none", "k_l": 0.0}],
     "repeats": 10,
     "warmup": 3,
     "check": True,
@@ -96,47 +104,64 @@ def resolve_params(params: dict) -> dict:
     for key in ("repeats", "warmup", "check_heads"):
         if int(p[key]) < (1 if key != "warmup" else 0):
             raise ReproInputError(f"params.{key}={p[key]!r} is too small")
-    for s in [p["sparsity"], *p["sparsities"]]:
-        if not 0.0 <= s < 1.0 or (1.0 - s) + p["k_l"] > 1.0 + 1e-9:
+    forms = p["forms"]
+    for i, form in enumerate(forms):
+        if not isinstance(form, dict) or set(form) != {"linear", "k_l"}:
+            raise ReproInputError(f"params.forms[{i}]: {form!r} is not {{linear, k_l}}")
+        if form["linear"] not in LINEAR_FORMS:
             raise ReproInputError(
-                f"params: sparsity {s} with k_l {p['k_l']} is not a valid split of the blocks"
+                f"params.forms[{i}].linear: {form['linear']!r} is not one of {LINEAR_FORMS}"
+            )
+    splits = [(s, p["k_l"]) for s in [p["sparsity"], *p["sparsities"]]]
+    splits += [(p["sparsity"], form["k_l"]) for form in forms]
+    for s, k_l in splits:
+        if not 0.0 <= s < 1.0 or not 0.0 <= k_l < 1.0 or (1.0 - s) + k_l > 1.0 + 1e-9:
+            raise ReproInputError(
+                f"params: sparsity {s} with k_l {k_l} is not a valid split of the blocks"
             )
     return p
 
 
 def points(p: dict) -> list[dict]:
-    """The SLA configurations: the paper's point, the L sweep and the sparsity sweep.
+    """The SLA configurations: the paper's point, the L sweep, the sparsity sweep, the forms.
 
-    Each carries the sparsity actually obtained: classify_blocks takes ceil(k_h N)
-    critical blocks of the N per row (`block_counts`).
+    Each carries its linear form and k_l, and the sparsity actually obtained:
+    classify_blocks takes ceil(k_h N) critical blocks of the N per row (`block_counts`).
     """
-    base = {k: p[k] for k in ("batch", "heads", "head_dim", "seq_len", "sparsity")}
+    keys = ("batch", "heads", "head_dim", "seq_len", "sparsity", "linear", "k_l")
+    base = {k: p[k] for k in keys}
     out = []
     for dtype in p["dtypes"]:
         candidates = [base]
         candidates += [{**base, "seq_len": n} for n in p["seq_lens"]]
         candidates += [{**base, "sparsity": s} for s in p["sparsities"]]
+        candidates += [{**base, **form} for form in p["forms"]]
         for c in candidates:
             n_blocks = -(-c["seq_len"] // p["block_kv"])
-            n_critical, _ = block_counts(n_blocks, 1.0 - c["sparsity"], p["k_l"])
+            n_critical, _ = block_counts(n_blocks, 1.0 - c["sparsity"], c["k_l"])
             point = {**c, "dtype": dtype, "actual_sparsity": round(1 - n_critical / n_blocks, 6)}
             if point not in out:
                 out.append(point)
     return out
 
 
-def _time_ms(fn, repeats: int, warmup: int) -> float:
-    """Median wall time of fn() on the GPU, by CUDA events."""
+def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of fn(): CUDA events on a GPU, the wall clock elsewhere."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            tic = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - tic) * 1e3)
     return statistics.median(times)
 
 
@@ -159,19 +184,21 @@ def _dense(q, k, v):
 
 def _measure(forward, inputs, repeats, warmup):
     """(forward ms, backward ms) of forward(*inputs) -> tuple of outputs."""
-    fwd_ms = _time_ms(lambda: forward(*inputs), repeats, warmup)
+    device = inputs[0].device
+    fwd_ms = _time_ms(lambda: forward(*inputs), repeats, warmup, device)
     outs = forward(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
+    outs = [o for o in outs if o.requires_grad]  # a constant output has no backward
     grads = [torch.randn_like(o) for o in outs]
 
     def backward():
         torch.autograd.grad(outs, inputs, grads, retain_graph=True)
 
-    bwd_ms = _time_ms(backward, repeats, warmup)
+    bwd_ms = _time_ms(backward, repeats, warmup, device)
     return fwd_ms, bwd_ms
 
 
-def _check_against_blockwise(q, k, v, mask, p) -> tuple[float, float]:
+def _check_against_blockwise(q, k, v, mask, p, linear: str) -> tuple[float, float]:
     """Max |SLA - sla_blockwise| of the outputs and of the gradients, on a few heads."""
     from repro.kernels.sla_reference import BlockMask, sla_blockwise
     from repro.kernels.sla_triton import sla_triton
@@ -185,13 +212,21 @@ def _check_against_blockwise(q, k, v, mask, p) -> tuple[float, float]:
     )
     leaves = [t[:1, heads].detach().clone().requires_grad_() for t in (q, k, v)]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
-    kw = dict(phi=p["phi"], linear=p["linear"])
+    kw = dict(phi=p["phi"], linear=linear)
     outs = sla_triton(*leaves, sub, **kw)
     refs = sla_blockwise(*ref_leaves, sub, **kw)
+    out_err = max((a.float() - b).abs().max().item() for a, b in zip(outs, refs, strict=True))
+    # The same upstream gradients on both sides; an output outside the graph (the
+    # reference's constant O_l under linear="none") contributes nothing.
     up = [torch.randn_like(o) for o in outs]
     grads = torch.autograd.grad(outs, leaves, up)
-    ref_grads = torch.autograd.grad(refs, ref_leaves, [u.float() for u in up])
-    out_err = max((a.float() - b).abs().max().item() for a, b in zip(outs, refs, strict=True))
+    in_graph = [(r, u.float()) for r, u in zip(refs, up, strict=True) if r.requires_grad]
+    ref_grads = torch.autograd.grad(
+        [r for r, _ in in_graph], ref_leaves, [u for _, u in in_graph], allow_unused=True
+    )
+    ref_grads = [
+        torch.zeros_like(x) if g is None else g for g, x in zip(ref_grads, ref_leaves, strict=True)
+    ]
     grad_err = max(
         (a.float() - b).abs().max().item() for a, b in zip(grads, ref_grads, strict=True)
     )
@@ -218,9 +253,9 @@ def _row(kernel, pass_name, point, p, **values):
         device="cpu",
         max_abs_err=math.nan,
         k_h=round(1.0 - point["sparsity"], 6) if sla else math.nan,
-        k_l=p["k_l"] if sla else math.nan,
+        k_l=point["k_l"] if sla else math.nan,
         phi=p["phi"] if sla else "",
-        linear=p["linear"] if sla else "",
+        linear=point["linear"] if sla else "",
     )
     row["pass"] = pass_name
     row.update(values)
@@ -231,7 +266,7 @@ def skipped_rows(p: dict, reason: str) -> list[dict]:
     """The table a CUDA run would write, every row marked skipped with `reason`."""
     rows, shapes = [], []
     for point in points(p):
-        shape = {k: v for k, v in point.items() if "sparsity" not in k}
+        shape = {k: point[k] for k in SHAPE_KEYS}
         if shape not in shapes:
             shapes.append(shape)
             for kernel in ("sdpa_flash", "dense"):
@@ -240,19 +275,22 @@ def skipped_rows(p: dict, reason: str) -> list[dict]:
     return rows
 
 
-def run_cuda(p: dict) -> list[dict]:
+def run_timed(p: dict, device: str = "cuda") -> list[dict]:
+    """Time every point on `device`: "cuda" for the real table; "cpu" runs the same code
+    under TRITON_INTERPRET=1 at toy shapes, which is how the tests check this path."""
     from repro.kernels.sla_reference import classify_blocks
     from repro.kernels.sla_triton import sla_triton
 
-    device = torch.cuda.get_device_name()
+    on = torch.device(device)
+    device = torch.cuda.get_device_name() if on.type == "cuda" else f"{on.type} (not a timing)"
     reps, warm = int(p["repeats"]), int(p["warmup"])
     rows, baseline = [], {}  # baseline[(shape key, pass)] = sdpa flash ms
     for point in points(p):
         b, h, n, d = point["batch"], point["heads"], point["seq_len"], point["head_dim"]
         dtype = DTYPES[point["dtype"]]
-        gen = torch.Generator(device="cuda").manual_seed(int(p["seed"]))
+        gen = torch.Generator(device=on).manual_seed(int(p["seed"]))
         q, k, v = (
-            torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+            torch.randn(b, h, n, d, device=on, dtype=dtype, generator=gen).requires_grad_()
             for _ in range(3)
         )
         shape_key = (b, h, n, d, point["dtype"])
@@ -282,15 +320,20 @@ def run_cuda(p: dict) -> list[dict]:
 
         mask = classify_blocks(
             q.detach(), k.detach(), block_q=p["block_q"], block_kv=p["block_kv"],
-            k_h=1.0 - point["sparsity"], k_l=p["k_l"],
+            k_h=1.0 - point["sparsity"], k_l=point["k_l"],
         )  # fmt: skip
+        linear = point["linear"]
 
-        def sla(q, k, v, mask=mask):
-            return sla_triton(q, k, v, mask, phi=p["phi"], linear=p["linear"])
+        def sla(q, k, v, mask=mask, linear=linear):
+            return sla_triton(q, k, v, mask, phi=p["phi"], linear=linear)
 
         try:
             times = _measure(sla, (q, k, v), reps, warm)
-            errors = _check_against_blockwise(q, k, v, mask, p) if p["check"] else (math.nan,) * 2
+            errors = (
+                _check_against_blockwise(q, k, v, mask, p, linear)
+                if p["check"]
+                else (math.nan,) * 2
+            )
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows += [_row("sla", ps, point, p, reason=reason, device=device) for ps in PASSES]
@@ -300,7 +343,8 @@ def run_cuda(p: dict) -> list[dict]:
             row = _timed_row("sla", ps, point, p, ms, baseline, shape_key, device)
             rows.append({**row, "max_abs_err": err})
         print(
-            f"L={n} sparsity={point['actual_sparsity']:.3f} {point['dtype']}: "
+            f"L={n} sparsity={point['actual_sparsity']:.3f} linear={linear} "
+            f"k_l={point['k_l']} {point['dtype']}: "
             f"SLA fwd {times[0]:.2f} ms, bwd {times[1]:.2f} ms; "
             f"SDPA flash fwd {baseline.get((shape_key, 'forward'), math.nan):.2f} ms, "
             f"bwd {baseline.get((shape_key, 'backward'), math.nan):.2f} ms; "
@@ -326,7 +370,7 @@ def main(argv=None) -> None:
     args = parse_stage_args(parser, argv)
     p = resolve_params(args.params)
     if torch.cuda.is_available():
-        rows = run_cuda(p)
+        rows = run_timed(p, "cuda")
     else:
         rows = skipped_rows(p, "no CUDA device")
         print(f"no CUDA device: writing {len(rows)} rows marked skipped")

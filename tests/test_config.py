@@ -60,6 +60,12 @@ BAD = [
     ("agd.sampler.variance_type", "learned", ["agd.sampler.variance_type", "'learned_range'"]),
     ("sla.kernel_bench.block_q", 48, ["sla.kernel_bench.block_q", "64"]),
     ("sla.kernel_bench.sparsities", [0.95, 0.05], ["sla.kernel_bench", "0.05", "k_l"]),
+    (
+        "sla.kernel_bench.forms",
+        [{"linear": "all", "k_l": 0.99}],
+        ["sla.kernel_bench", "forms[0].k_l", "0.99"],
+    ),
+    ("sla.kernel_bench.forms", [{"linear": "hedgehog", "k_l": 0.0}], ["forms", "hedgehog"]),
     ("sla", DELETE, ["(top level)", "'sla' is a required property"]),
 ]
 

@@ -105,11 +105,16 @@ def cross_checks(cfg: Mapping) -> list[str]:
             f"[w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
         )
     bench = cfg["sla"]["kernel_bench"]
-    for s in [bench["sparsity"], *bench["sparsities"]]:
-        if (1.0 - s) + bench["k_l"] > 1.0 + 1e-9:
+    splits = [("k_l", s, bench["k_l"]) for s in [bench["sparsity"], *bench["sparsities"]]]
+    splits += [
+        (f"forms[{i}].k_l", bench["sparsity"], form["k_l"])
+        for i, form in enumerate(bench.get("forms", []))
+    ]
+    for key, s, k_l in splits:
+        if (1.0 - s) + k_l > 1.0 + 1e-9:
             errors.append(
                 f"sla.kernel_bench: sparsity {s} leaves {1 - s:.3g} of the blocks critical, "
-                f"which with k_l = {bench['k_l']} negligible exceeds all of them"
+                f"which with {key} = {k_l} negligible exceeds all of them"
             )
     glyphs = cfg["data"]["glyphs"]
     seeds = {
