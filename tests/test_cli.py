@@ -45,10 +45,10 @@ def test_keep_freed_memory_stops_page_faults_of_a_reused_buffer():
     default = run_faults({"REPRO_MALLOC_TUNING": "0"})
     assert tuned["applied"] is True
     assert default["applied"] is False
-    # glibc's default gives the freed 56 MB back each round and faults it in again
-    # (~12,000 faults per round measured); kept, it is reused (~100).
-    assert default["faults"] > 50 * 5000
-    assert tuned["faults"] < 50 * 1000
+    # glibc's default gives (some of) the freed 56 MB back each round and faults it in
+    # again: 3,900-11,700 faults per round measured. Kept, it is reused: 0-120 per round.
+    assert default["faults"] > 50 * 1000
+    assert tuned["faults"] < 50 * 100
 
 
 def test_stage_args_parse_params_and_threads(tmp_path):
