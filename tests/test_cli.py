@@ -48,7 +48,7 @@ def test_keep_freed_memory_stops_page_faults_of_a_reused_buffer():
     # glibc's default gives (some of) the freed 56 MB back each round and faults it in
     # again: 3,900-11,700 faults per round measured. Kept, it is reused: 0-120 per round.
     assert default["faults"] > 50 * 1000
-    assert tuned["faults"] < 50 * 100
+    assert tuned["faults"] < 50 * 500
 
 
 def test_stage_args_parse_params_and_threads(tmp_path):
