@@ -266,9 +266,8 @@ rule agd_throughput:
         py=PYTHON,
         scale=SCALE,
         cfg=section("agd", "throughput", sampler=AGD["sampler"]),
-        script=os.path.join(workflow.basedir, "benchmarks", "agd_throughput.py"),
     shell:
-        "{params.py} {params.script:q} --base {input.base:q}"
+        "{params.py} -m repro.agd.throughput --base {input.base:q}"
         " --adapters {input.adapters:q} --out {output:q}"
         " --params {params.cfg:q} --threads {threads} --rule agd_throughput --scale {params.scale}"
         " > {log:q} 2>&1"

@@ -25,7 +25,6 @@ rule sla_kernel_bench:
         py=PYTHON,
         scale=SCALE,
         cfg=section("sla", "kernel_bench"),
-        script=os.path.join(workflow.basedir, "benchmarks", "sla_kernel.py"),
     shell:
-        "{params.py} {params.script:q} --out {output:q} --params {params.cfg:q}"
+        "{params.py} -m repro.sla.kernel_bench --out {output:q} --params {params.cfg:q}"
         " --threads {threads} --rule sla_kernel_bench --scale {params.scale} > {log:q} 2>&1"

@@ -5,18 +5,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from repro.agd.model import (
-    AdaptedDiT,
-    AGDAdapters,
-    GuidanceEmbedding,
-    build_dit,
-    load_adapters,
-    load_dit,
-    null_label,
-    save_adapters,
-    save_dit,
-    set_label_dropout,
-)
+from repro.agd.model import AdaptedDiT, AGDAdapters, GuidanceEmbedding, load_adapters, save_adapters
 from repro.core.diffusion import (
     ClassifierFreeGuidance,
     DistilledGuidance,
@@ -27,6 +16,15 @@ from repro.core.diffusion import (
 )
 from repro.core.errors import ReproInputError
 from repro.core.io import save_tensors
+from repro.core.modelio import (
+    build_dit,
+    load_dit,
+    model_kind,
+    null_label,
+    save_dit,
+    save_model,
+    set_label_dropout,
+)
 
 NUM_CLASSES = 4
 TINY = {
@@ -128,11 +126,19 @@ def test_save_and_load_dit(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",
+        "repro_model.json",
     ]
     assert [p.name for p in out.parent.iterdir()] == ["dit"]  # no temp dirs left behind
+    assert model_kind(out) == "dit"
     loaded = load_dit(out)
     x, t, labels, _ = inputs()
     assert torch.equal(base_eps(loaded, x, t, labels), base_eps(base, x, t, labels))
+
+    # A model directory of another kind is refused, naming the directory and both kinds.
+    foreign = tmp_path / "foreign"
+    save_model(base, foreign, kind="wan_t2v")
+    with pytest.raises(ReproInputError, match=r"foreign.*'wan_t2v'.*'dit'"):
+        load_dit(foreign)
 
     with pytest.raises(ReproInputError, match="nowhere"):
         load_dit(tmp_path / "nowhere")

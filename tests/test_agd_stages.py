@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 from repro.agd import base, distill, trajectories
 from repro.agd.claims import build_claims
 from repro.agd.methods import load_method
-from repro.agd.model import build_dit, load_adapters, load_dit, save_dit
+from repro.agd.model import load_adapters
 from repro.core.config import load_yaml, merge
 from repro.core.diffusion import ClassifierFreeGuidance, DiTDenoiser, scheduler_from_params
 from repro.core.errors import ReproInputError
 from repro.core.io import save_tensors
+from repro.core.modelio import build_dit, load_dit, save_dit
 from repro.core.training import TrainingDivergedError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from repro.core.attention_flops import (
+from repro.kernels.attention_flops import (
     AttentionFlops,
     AttentionFlopsCounter,
     counting_attention_flops,

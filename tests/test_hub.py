@@ -23,9 +23,9 @@ from diffusers import AutoencoderKL
 
 import repro.core.hub as hub
 from repro.agd.methods import load_decoder
-from repro.agd.model import build_dit
 from repro.core.config import load_yaml, merge
 from repro.core.errors import ReproInputError
+from repro.core.modelio import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT_ID, VAE_ID = "org/tiny-dit", "org/tiny-vae"

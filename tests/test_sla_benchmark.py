@@ -1,28 +1,15 @@
-"""benchmarks/sla_kernel.py on a machine without CUDA: the full table, every row skipped."""
+"""repro.sla.kernel_bench on a machine without CUDA: the full table, every row skipped."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from repro.core.errors import ReproInputError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sla_kernel.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("sla_kernel_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+from repro.sla import kernel_bench as bench
 
 
 def _run(tmp_path, params):

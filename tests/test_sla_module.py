@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import repro.sla.model as sla_model
-from repro.core.attention_flops import AttentionFlopsCounter, sla_attention_flops
+from repro.kernels.attention_flops import AttentionFlopsCounter, sla_attention_flops
 from repro.kernels.sla_reference import CRITICAL, NEGLIGIBLE, classify_blocks, sla_reference
 from repro.sla.model import SparseLinearAttention
 

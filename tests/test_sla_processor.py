@@ -7,8 +7,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from safetensors.torch import load_model, save_model
 
-from repro.core.attention_flops import AttentionFlopsCounter, dense_attention_flops
 from repro.core.errors import ReproInputError
+from repro.kernels.attention_flops import AttentionFlopsCounter, dense_attention_flops
 from repro.sla.model import SparseLinearAttention
 from repro.sla.processor import (
     SLAAttnProcessor,

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from repro.agd.model import build_dit, null_label, save_dit, set_label_dropout
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
+from repro.core.modelio import build_dit, null_label, save_dit, set_label_dropout
 from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)

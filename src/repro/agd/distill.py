@@ -17,11 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from repro.agd.model import AdaptedDiT, AGDAdapters, load_dit, save_adapters
+from repro.agd.model import AdaptedDiT, AGDAdapters, save_adapters
 from repro.agd.trajectories import TrajectoryStore
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.diffusion import eps_of
+from repro.core.modelio import load_dit
 from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from repro.agd.distill import adapter_counts, adapters_for
-from repro.agd.model import AdaptedDiT, load_dit, null_label, save_adapters, save_dit
+from repro.agd.model import AdaptedDiT, save_adapters
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
@@ -34,6 +34,7 @@ from repro.core.diffusion import (
     q_sample,
     scheduler_from_params,
 )
+from repro.core.modelio import load_dit, null_label, save_dit
 from repro.core.training import fit, optimiser_settings, summary_metrics
 
 log = logging.getLogger(__name__)

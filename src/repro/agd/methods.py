@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from repro.agd.model import AdaptedDiT, load_adapters, load_dit, null_label
+from repro.agd.model import AdaptedDiT, load_adapters
 from repro.core.diffusion import (
     ClassifierFreeGuidance,
     DistilledGuidance,
@@ -23,6 +23,7 @@ from repro.core.diffusion import (
     NoGuidance,
 )
 from repro.core.errors import ReproInputError
+from repro.core.modelio import load_dit, null_label
 
 GUIDED = ("cfg", "agd", "agd_standard", "gd")
 ADAPTER_METHODS = ("agd", "agd_standard")

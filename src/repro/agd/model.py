@@ -12,140 +12,18 @@ architecture.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from functools import partial
-from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_timestep_embedding
-from safetensors import SafetensorError
 from torch import nn
 
-from repro.core.cli import require
 from repro.core.errors import ReproInputError
-from repro.core.hub import loader_options
 from repro.core.io import load_tensors, save_tensors
 
 ADAPTER_KIND = "agd_adapters"
-ARCH_KEYS = (
-    "sample_size",
-    "patch_size",
-    "in_channels",
-    "num_layers",
-    "num_attention_heads",
-    "attention_head_dim",
-    "num_embeds_ada_norm",
-)
-
-# ----------------------------------------------------------------------------- base DiT
-
-
-def build_dit(params: dict) -> DiTTransformer2DModel:
-    """A DiT from `params`: loaded from params["pretrained"] or built from ARCH_KEYS.
-
-    Pretrained: a local directory or hub id, optional "subfolder", and the cache
-    options of repro.core.hub.loader_options: "cache_dir" (a hub cache, filled by
-    the hub_fetch rule) and "local_files_only" (default False; True reads the
-    cache only, never the network). Built: no learned sigma (out_channels =
-    in_channels); an optional "seed" makes the random init reproducible.
-    Returned in eval mode (call .train() to get the model's label dropout).
-    """
-    if "pretrained" in params:
-        source, subfolder = params["pretrained"], params.get("subfolder")
-        where = f"{source}/{subfolder}" if subfolder else str(source)
-        return _from_pretrained(
-            source, f"params.pretrained: {where}", subfolder=subfolder, **loader_options(params)
-        )
-
-    arch = {key: require(params, key) for key in ARCH_KEYS}
-    for key, value in arch.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ReproInputError(f"params.{key}: expected a positive integer, got {value!r}")
-    if arch["sample_size"] % arch["patch_size"]:
-        raise ReproInputError(
-            f"params.patch_size: {arch['patch_size']} does not divide sample_size {arch['sample_size']}"
-        )
-    with torch.random.fork_rng(devices=[]):
-        if params.get("seed") is not None:
-            torch.manual_seed(int(params["seed"]))
-        model = DiTTransformer2DModel(
-            **arch, out_channels=arch["in_channels"], norm_type="ada_norm_zero"
-        )
-    return model.eval()
-
-
-def _label_embedders(model: DiTTransformer2DModel) -> list[nn.Module]:
-    # Every adaLN-zero block owns a separate LabelEmbedding (and draws its own dropout mask).
-    return [block.norm1.emb.class_embedder for block in model.transformer_blocks]
-
-
-def null_label(model: DiTTransformer2DModel) -> int:
-    """The unconditional class index: diffusers' LabelEmbedding keeps row num_classes for it."""
-    emb = _label_embedders(model)[0]
-    if emb.embedding_table.num_embeddings != emb.num_classes + 1:
-        raise ValueError("null_label: this DiT has no null-class embedding (no CFG training)")
-    return emb.num_classes
-
-
-def set_label_dropout(model: DiTTransformer2DModel, prob: float) -> None:
-    """Set the in-model label dropout used in train mode (diffusers default 0.1).
-
-    diffusers drops labels independently in every block (own torch.rand, global
-    RNG); a trainer that wants one seeded mask per sample sets 0 here and passes
-    p_uncond to repro.core.diffusion.epsilon_loss instead.
-    """
-    for emb in _label_embedders(model):
-        emb.dropout_prob = float(prob)
-
-
-def save_dit(model: DiTTransformer2DModel, out_dir: str | os.PathLike) -> None:
-    """model.save_pretrained into a temp dir beside `out_dir`, then rename it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old = None
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent)
-            )
-            os.replace(out_dir, old / "dir")
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_dit(path: str | os.PathLike) -> DiTTransformer2DModel:
-    """A DiT saved by save_dit (eval mode); ReproInputError naming `path` if it is not one."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ReproInputError(f"{path}: not a saved DiT (no config.json)")
-    if not (path / "diffusion_pytorch_model.safetensors").is_file():
-        raise ReproInputError(f"{path}: not a saved DiT (no diffusion_pytorch_model.safetensors)")
-    return _from_pretrained(path, str(path), local_files_only=True)
-
-
-def _from_pretrained(source, where: str, **kw) -> DiTTransformer2DModel:
-    """from_pretrained in float32 and eval mode; missing weights are an error, not a warning."""
-    try:
-        model, info = DiTTransformer2DModel.from_pretrained(
-            source, torch_dtype=torch.float32, output_loading_info=True, **kw
-        )
-    except (OSError, ValueError, RuntimeError, SafetensorError, json.JSONDecodeError) as err:
-        raise ReproInputError(f"{where}: cannot load a DiTTransformer2DModel ({err})") from err
-    bad = {k: v for k in ("missing_keys", "mismatched_keys") if (v := info.get(k))}
-    if bad:
-        raise ReproInputError(f"{where}: checkpoint does not match its config ({bad})")
-    return model.eval()
-
 
 # ----------------------------------------------------------------------------- adapters
 

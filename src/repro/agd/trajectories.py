@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from repro.agd.model import load_dit, null_label
 from repro.core.cli import parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import (
@@ -38,6 +37,7 @@ from repro.core.diffusion import (
 )
 from repro.core.errors import ReproInputError
 from repro.core.io import map_tensors, read_json, save_tensors, sha256_file, write_json
+from repro.core.modelio import load_dit, null_label
 
 log = logging.getLogger(__name__)
 

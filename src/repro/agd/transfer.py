@@ -15,11 +15,11 @@ import logging
 import time
 
 from repro.agd.base import train_denoiser
-from repro.agd.model import build_dit, load_dit, save_dit
 from repro.core.checkpoint import run_directory
 from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.errors import ReproInputError
+from repro.core.modelio import build_dit, load_dit, save_dit
 from repro.core.training import summary_metrics
 
 log = logging.getLogger(__name__)

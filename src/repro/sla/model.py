@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repro.core.attention_flops import (
+from repro.kernels.attention_flops import (
     counting_attention_flops,
     record_attention_flops,
     sla_attention_flops,
@@ -89,7 +89,7 @@ class SparseLinearAttention(nn.Module):
     Configuration is constructor arguments (diffusers' habit); every argument is
     checked here, and tensor shapes are checked by the kernel before it launches.
     After each forward, `last_mask` holds that call's BlockMask (computed without grad) for
-    statistics, and an active repro.core.attention_flops.AttentionFlopsCounter
+    statistics, and an active repro.kernels.attention_flops.AttentionFlopsCounter
     receives the call's FLOPs.
     """
 

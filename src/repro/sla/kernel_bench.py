@@ -10,7 +10,7 @@ configuration the max error of its outputs (forward rows) or
 gradients (backward rows) against `sla_blockwise` on one head, so a GPU run proves the
 kernels right at scale too.
 
-    python benchmarks/sla_kernel.py --out results/sla_kernel.csv --threads 4 \
+    python -m repro.sla.kernel_bench --out results/sla_kernel.csv --threads 4 \
         --params '{"seq_lens": [8192, 32760], "sparsities": [0.9, 0.95], "repeats": 10}'
 
 Sparsity = 1 - the fraction of critical blocks actually selected (k_h = 1 - sparsity
