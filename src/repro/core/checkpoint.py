@@ -8,13 +8,19 @@ A checkpoint is one directory per step::
         optimizer.json (+ .safetensors)   optimizer.state_dict(): structure + tensors
         scheduler.json (+ .safetensors)   lr_scheduler.state_dict(), when there is one
         rng.safetensors + rng.json   torch CPU/CUDA generator states, python and numpy
+        rng.rank<r>.safetensors + .json   the same for rank r > 0 of a multi-process run
         extra.json                   whatever the caller wants back (e.g. the loss history)
     <directory>/latest               the name of the newest complete step directory
 
 A step directory is written under a temporary name and renamed into place, and
 `latest` is replaced atomically afterwards, so a job killed at any moment
 leaves either the previous checkpoint or the new one, never half of one.
-One process writes to a checkpoint directory at a time.
+One run writes to a checkpoint directory at a time.
+
+Under several processes (repro.core.distributed) every rank calls `save` and
+`load_latest`: rank 0 writes the weights, optimizer and scheduler (the same on
+every rank), each rank writes its own RNG state (dropout masks differ by rank and
+each rank's GPU has its own generator), and every rank restores its own.
 
 Optimizer and scheduler state dicts are nested dicts/lists of tensors and plain
 values. They are stored as JSON in which every tensor is replaced by a
@@ -38,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from repro.core.distributed import process_count, process_index, wait_for_everyone
 from repro.core.errors import ReproInputError
 from repro.core.io import atomic_write, load_tensors, read_json, save_tensors, write_json
 
@@ -93,14 +100,25 @@ class Checkpointer:
         lr_scheduler=None,
         extra: dict | None = None,
     ) -> Path:
-        """Write the checkpoint for `step` and point `latest` at it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint for `step` and point `latest` at it (every rank calls this)."""
         final = self.directory / f"step_{step:08d}"
-        tmp = self.directory / f".tmp_{final.name}_{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        # Every rank writes into this directory, so its name is the same on all of them.
+        tmp = self.directory / f".tmp_{final.name}"
+        if process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            self._save_shared(tmp, step, modules, optimizer, lr_scheduler, extra)
+        wait_for_everyone()  # tmp exists
+        _save_rng(tmp, process_index())
+        wait_for_everyone()  # every rank's RNG state is in tmp
+        if process_index() == 0:
+            self._publish(tmp, final)
+        return final
 
+    def _save_shared(self, tmp: Path, step, modules, optimizer, lr_scheduler, extra) -> None:
+        """What is the same on every rank: weights, optimizer, scheduler, extra, manifest."""
         for name, module in modules.items():
             if not _SAFE_NAME.match(name):
                 raise ValueError(f"Checkpointer: module name {name!r} is not a safe file name")
@@ -113,7 +131,6 @@ class Checkpointer:
         _save_structure(tmp, "optimizer", optimizer.state_dict())
         if lr_scheduler is not None:
             _save_structure(tmp, "scheduler", lr_scheduler.state_dict())
-        _save_rng(tmp)
         write_json(tmp / "extra.json", extra or {})
         write_json(
             tmp / "checkpoint.json",
@@ -122,9 +139,12 @@ class Checkpointer:
                 "step": step,
                 "modules": list(modules),
                 "has_scheduler": lr_scheduler is not None,
+                "processes": process_count(),
             },
         )
 
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished `tmp` into place and point `latest` at it."""
         # A directory cannot be renamed over a non-empty one: move an old copy of
         # the same step aside first (happens only when a step is saved twice).
         if final.exists():
@@ -136,7 +156,6 @@ class Checkpointer:
             pointer.write_text(final.name + "\n")
         self._cleanup()
         log.debug("saved checkpoint %s", final)
-        return final
 
     def _module_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         state = module.state_dict()
@@ -194,7 +213,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         lr_scheduler=None,
     ) -> tuple[int, dict]:
-        """Restore modules, optimizer, scheduler and RNG; return (step, extra).
+        """Restore modules, optimizer, scheduler and this rank's RNG; return (step, extra).
 
         Returns (0, {}) when there is no checkpoint yet.
         """
@@ -228,7 +247,16 @@ class Checkpointer:
             except (ValueError, KeyError, RuntimeError, TypeError) as err:
                 raise ReproInputError(f"{file}: does not fit this lr scheduler ({err})") from err
 
-        _load_rng(path)
+        saved_by = int(manifest.get("processes", 1))
+        if saved_by != process_count():
+            log.warning(
+                "%s: saved by %d processes, resumed by %d: the batches from here on "
+                "differ from those of an uninterrupted run",
+                path,
+                saved_by,
+                process_count(),
+            )
+        _load_rng(path, process_index())
         extra = read_json(path / "extra.json")
         if not isinstance(extra, dict):
             raise ReproInputError(f"{path / 'extra.json'}: expected a JSON object")
@@ -314,16 +342,21 @@ def _decode(obj, tensors: dict[str, torch.Tensor], file: Path):
 # ------------------------------------------------------------------------- RNG
 
 
-def _save_rng(directory: Path) -> None:
+def _rng_name(rank: int) -> str:
+    return "rng" if rank == 0 else f"rng.rank{rank}"
+
+
+def _save_rng(directory: Path, rank: int = 0) -> None:
+    stem = _rng_name(rank)
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = state
-    save_tensors(directory / "rng.safetensors", tensors, kind="checkpoint_rng")
+    save_tensors(directory / f"{stem}.safetensors", tensors, kind="checkpoint_rng")
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     write_json(
-        directory / "rng.json",
+        directory / f"{stem}.json",
         {
             "python": [version, list(internal), gauss],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
@@ -331,11 +364,16 @@ def _save_rng(directory: Path) -> None:
     )
 
 
-def _load_rng(directory: Path) -> None:
+def _load_rng(directory: Path, rank: int = 0) -> None:
+    stem = _rng_name(rank)
+    if not (directory / f"{stem}.json").exists() and rank > 0:
+        # Saved by fewer processes: this rank starts from rank 0's state.
+        log.warning("%s: no RNG state of rank %d; rank 0's restored", directory, rank)
+        stem = _rng_name(0)
     tensors, _ = load_tensors(
-        directory / "rng.safetensors", kind="checkpoint_rng", required=("torch_cpu",)
+        directory / f"{stem}.safetensors", kind="checkpoint_rng", required=("torch_cpu",)
     )
-    file = directory / "rng.json"
+    file = directory / f"{stem}.json"
     states = read_json(file)
     try:
         version, internal, gauss = states["python"]

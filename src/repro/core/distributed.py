@@ -26,7 +26,7 @@ import os
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast, reduce
+from accelerate.utils import broadcast, parse_flag_from_env, reduce
 
 from repro.core.errors import ReproInputError
 
@@ -54,7 +54,9 @@ def _state() -> PartialState:
     """accelerate's state of this process; the first call joins the process group."""
     # cpu=True where there is no GPU: with the default, accelerate takes each CPU
     # rank under torchrun for a lone process (world size 1 on every rank, measured).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # `accelerate launch --cpu` asks for the CPU through ACCELERATE_USE_CPU.
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    state = PartialState(cpu=cpu)
     if (state.num_processes, state.process_index) != (process_count(), process_index()):
         # Someone started accelerate before us with other settings: collectives
         # would then silently skip ranks.
