@@ -1,5 +1,7 @@
 """AGD model: building/loading the base DiT, the offset adapters, and their checkpoints."""
 
+from functools import partial
+
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
@@ -27,20 +29,19 @@ from repro.core.modelio import (
 )
 
 NUM_CLASSES = 4
-TINY = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 1,
-    "num_layers": 2,
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "num_embeds_ada_norm": NUM_CLASSES,
-}
 D = 16  # 2 heads x 8
 
 
-def tiny_base(seed=0, **overrides):
-    return build_dit({**TINY, "seed": seed, **overrides})
+@pytest.fixture
+def tiny_base(tiny_dit):
+    """The shared tiny DiT (conftest) with this module's NUM_CLASSES classes."""
+    return partial(tiny_dit, num_embeds_ada_norm=NUM_CLASSES)
+
+
+@pytest.fixture
+def tiny_config(tiny_dit_config):
+    """Its config as build_dit params."""
+    return {**tiny_dit_config, "num_embeds_ada_norm": NUM_CLASSES}
 
 
 def tiny_adapters(hidden_dim=D, num_blocks=2, seed=0):
@@ -83,8 +84,8 @@ def trained_adapters(base, seed=0):
 # ----------------------------------------------------------------------------- base DiT
 
 
-def test_build_dit_from_architecture_keys():
-    base = tiny_base()
+def test_build_dit_from_architecture_keys(tiny_base, tiny_config):
+    base = build_dit({**tiny_config, "seed": 0})
     assert isinstance(base, DiTTransformer2DModel) and not base.training
     assert base.out_channels == 1 and base.inner_dim == D and len(base.transformer_blocks) == 2
     assert null_label(base) == NUM_CLASSES
@@ -92,18 +93,20 @@ def test_build_dit_from_architecture_keys():
     table = base.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
     assert table.num_embeddings == NUM_CLASSES + 1
     # The seed fixes the init; other seeds give other weights.
-    same, other = tiny_base(seed=0), tiny_base(seed=1)
+    same, other = build_dit({**tiny_config, "seed": 0}), build_dit({**tiny_config, "seed": 1})
     x, t, labels, _ = inputs()
     assert torch.equal(base_eps(base, x, t, labels), base_eps(same, x, t, labels))
     assert not torch.allclose(base_eps(base, x, t, labels), base_eps(other, x, t, labels))
+    # The tests' shared tiny DiT is the one build_dit makes from the same seed.
+    assert torch.equal(base_eps(base, x, t, labels), base_eps(tiny_base(seed=0), x, t, labels))
 
     with pytest.raises(ReproInputError, match="params.num_layers"):
-        build_dit({k: v for k, v in TINY.items() if k != "num_layers"})
+        build_dit({k: v for k, v in tiny_config.items() if k != "num_layers"})
     with pytest.raises(ReproInputError, match="params.patch_size"):
-        build_dit({**TINY, "patch_size": 3})
+        build_dit({**tiny_config, "patch_size": 3})
 
 
-def test_set_label_dropout():
+def test_set_label_dropout(tiny_base):
     base = tiny_base()
     base.train()
     x, t, _, _ = inputs(batch=64)
@@ -117,7 +120,7 @@ def test_set_label_dropout():
     torch.testing.assert_close(train_out, base_eps(base.eval(), x, t, labels))
 
 
-def test_save_and_load_dit(tmp_path):
+def test_save_and_load_dit(tiny_base, tmp_path):
     base = tiny_base()
     out = tmp_path / "ckpt" / "dit"
     save_dit(base, out)
@@ -156,10 +159,9 @@ def test_save_and_load_dit(tmp_path):
         load_dit(out)
 
 
-def test_build_dit_pretrained_paper_scale_path(tmp_path):
+def test_build_dit_pretrained_paper_scale_path(tiny_base, tmp_path):
     # DiT-XL/2 style: learned sigma (2C outputs) in the "transformer" subfolder of a pipeline dir.
-    torch.manual_seed(3)
-    saved = DiTTransformer2DModel(**TINY, out_channels=2).eval()
+    saved = tiny_base(seed=3, out_channels=2)
     saved.save_pretrained(tmp_path / "hub" / "transformer", safe_serialization=True)
     params = {
         "pretrained": str(tmp_path / "hub"),
@@ -229,7 +231,7 @@ def test_adapters_shapes_config_and_seed():
     assert not torch.equal(tiny_adapters(seed=1).class_embed.weight, adapters.class_embed.weight)
 
 
-def test_adapted_dit_at_init_equals_base():
+def test_adapted_dit_at_init_equals_base(tiny_base):
     base = tiny_base()
     x, t, labels, w = inputs()
     expected = base_eps(base, x, t, labels)
@@ -240,7 +242,7 @@ def test_adapted_dit_at_init_equals_base():
     assert all(not p.requires_grad for p in base.parameters())
 
 
-def test_adapter_step_trains_adapters_only():
+def test_adapter_step_trains_adapters_only(tiny_base):
     base = tiny_base()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = AdaptedDiT(base, tiny_adapters())
@@ -265,7 +267,7 @@ def test_adapter_step_trains_adapters_only():
         assert torch.equal(out, model(x, t, labels, w))
 
 
-def test_offset_goes_before_the_gate():
+def test_offset_goes_before_the_gate(tiny_base):
     """The offset is added to attn1's output, which the adaLN-zero gate then multiplies."""
     base = tiny_base()
     with torch.no_grad():  # a zero gate: attention (and the offset with it) has no effect
@@ -283,8 +285,8 @@ def test_offset_goes_before_the_gate():
         )
 
 
-def test_parameter_counts_and_fraction():
-    base = build_dit({**TINY, "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16})
+def test_parameter_counts_and_fraction(tiny_base):
+    base = tiny_base(num_layers=4, num_attention_heads=4, attention_head_dim=16)
     adapters = AGDAdapters(64, 4, adapter_dim=16, num_classes=NUM_CLASSES)
     model = AdaptedDiT(base, adapters)
     counts = model.parameter_counts()
@@ -301,7 +303,7 @@ def test_parameter_counts_and_fraction():
     assert full["trainable"] == full["base"] + full["adapter"]
 
 
-def test_detach_removes_hooks():
+def test_detach_removes_hooks(tiny_base):
     base = tiny_base()
     x, t, labels, w = inputs()
     expected = base_eps(base, x, t, labels)
@@ -318,7 +320,7 @@ def test_detach_removes_hooks():
     AdaptedDiT(base, tiny_adapters())  # the base can take adapters again
 
 
-def test_save_load_adapters_round_trip(tmp_path):
+def test_save_load_adapters_round_trip(tiny_base, tmp_path):
     base = tiny_base()
     adapters = trained_adapters(base)
     path = tmp_path / "adapters.safetensors"
@@ -341,7 +343,7 @@ def test_save_load_adapters_round_trip(tmp_path):
     assert not torch.allclose(a, base_eps(base, x, t, labels))
 
 
-def test_adapters_load_onto_another_checkpoint(tmp_path):
+def test_adapters_load_onto_another_checkpoint(tiny_base, tmp_path):
     adapters = trained_adapters(tiny_base(seed=0))
     path = tmp_path / "adapters.safetensors"
     save_adapters(path, adapters)
@@ -354,7 +356,7 @@ def test_adapters_load_onto_another_checkpoint(tmp_path):
     assert out.shape == plain.shape and not torch.allclose(out, plain)
 
 
-def test_mismatched_adapters_name_the_file(tmp_path):
+def test_mismatched_adapters_name_the_file(tiny_base, tmp_path):
     path = tmp_path / "wide.safetensors"
     save_adapters(path, tiny_adapters(hidden_dim=32))
     with pytest.raises(ReproInputError, match="wide.safetensors.*hidden_dim"):
@@ -390,7 +392,7 @@ def test_load_adapters_rejects_bad_files(tmp_path):
         load_adapters(broken)
 
 
-def test_adapters_learn_the_cfg_target():
+def test_adapters_learn_the_cfg_target(tiny_base):
     """A few steps on adapters alone reduce the error to the CFG eps (the AGD objective)."""
     base = tiny_base()
     null = null_label(base)
@@ -412,7 +414,7 @@ def test_adapters_learn_the_cfg_target():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_distilled_sampling_costs_one_nfe_per_step():
+def test_distilled_sampling_costs_one_nfe_per_step(tiny_base):
     model = AdaptedDiT(tiny_base(), tiny_adapters())
     result = sample(
         model,
@@ -441,7 +443,7 @@ def test_guidance_embedding_is_smooth_in_w_at_the_default_scale():
     assert fourier(1000.0) < 0.5
 
 
-def test_cross_attention_adapters_start_at_the_base_and_depend_on_the_image(tmp_path):
+def test_cross_attention_adapters_start_at_the_base_and_depend_on_the_image(tiny_base, tmp_path):
     """The paper's cross-attention adapter: zero-init, token-dependent, saved alone."""
     from repro.agd.model import load_adapters, save_adapters
 

@@ -3,6 +3,7 @@ real kill and resume), the paper-scale loading path, bad input, claims."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,20 +23,11 @@ from repro.core.config import load_yaml, merge
 from repro.core.diffusion import ClassifierFreeGuidance, DiTDenoiser, scheduler_from_params
 from repro.core.errors import ReproInputError
 from repro.core.io import save_tensors
-from repro.core.modelio import build_dit, load_dit, save_dit
+from repro.core.modelio import load_dit, save_dit
 from repro.core.training import TrainingDivergedError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLER = {"kind": "ddim", "num_train_timesteps": 1000, "beta_schedule": "linear", "steps": 4}
-ARCH = dict(
-    sample_size=8,
-    patch_size=2,
-    in_channels=1,
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=8,
-    num_embeds_ada_norm=10,
-)
 TRAJ = dict(
     per_class=1, w_min=1.0, w_max=6.0, shard_size=16, batch_size=10, seed=0, sampler=SAMPLER
 )
@@ -59,11 +51,11 @@ def no_mlflow(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_dit):
     """A tiny base model, digits-like training data and CFG trajectories."""
     root = tmp_path_factory.mktemp("agd")
     torch.manual_seed(0)
-    save_dit(build_dit(ARCH), root / "base")
+    save_dit(tiny_dit(seed=0), root / "base")
     images = torch.rand(40, 1, 8, 8) * 2 - 1
     labels = torch.arange(40) % 10
     save_tensors(root / "train.safetensors", {"images": images, "labels": labels}, kind="digits")
@@ -202,6 +194,47 @@ def test_nan_loss_stops_training_with_a_clear_message(workdir, tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+def test_distill_on_the_device_it_is_given(workdir, tmp_path):
+    """--device cpu: the stage runs there; on this CPU-only machine that is also what
+    auto picks, and moving each batch to the device changes no number."""
+    params = {**DISTILL, "steps": 10, "checkpoint_every": 5}
+    runs = {}
+    for name, extra in (("auto", []), ("cpu", ["--device", "cpu"])):
+        out = tmp_path / name
+        out.mkdir()
+        distill.main(distill_args(workdir, out, params, out / "ckpt") + extra)
+        runs[name] = load_file(str(out / "adapters.safetensors"))
+    assert runs["auto"].keys() == runs["cpu"].keys()
+    for key, value in runs["auto"].items():
+        assert torch.equal(runs["cpu"][key], value), key
+
+
+def test_bad_input_ends_the_command_with_one_line(workdir, tmp_path):
+    """`python -m repro.agd.distill` on a truncated shard: ONE line on stderr naming the
+    shard (no traceback) and exit status 2."""
+    import shutil
+
+    copy = tmp_path / "cfg"
+    shutil.copytree(workdir / "cfg", copy)
+    shard = copy / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:300])
+    args = distill_args(workdir, tmp_path, DISTILL, tmp_path / "ckpt")
+    args[args.index("--trajectories") + 1] = str(copy)
+    proc = subprocess.run(
+        [sys.executable, "-m", "repro.agd.distill", *args],
+        env={**os.environ, "REPRO_MLFLOW": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and str(shard) in lines[0], proc.stderr
+    # The log (stdout) starts with the command line, as a rule's log does.
+    assert proc.stdout.splitlines()[0].endswith("-m repro.agd.distill " + shlex.join(args))
+    assert not (tmp_path / "adapters.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_killed_distill_resumes_to_the_same_result(workdir, tmp_path):
     """SIGKILL a real `python -m repro.agd.distill` after a checkpoint, rerun, compare."""
@@ -237,11 +270,10 @@ def test_killed_distill_resumes_to_the_same_result(workdir, tmp_path):
         assert torch.equal(weights[key], value), key
 
 
-def test_paper_scale_loads_a_hub_style_checkpoint(tmp_path):
+def test_paper_scale_loads_a_hub_style_checkpoint(tmp_path, tiny_dit):
     """configs/paper.yaml's agd.base section, pointed at a tiny local 'hub' checkpoint."""
     hub = tmp_path / "hub"
-    torch.manual_seed(1)
-    original = build_dit(ARCH)
+    original = tiny_dit(seed=1)
     original.save_pretrained(hub / "transformer", safe_serialization=True)
     cfg = merge(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "configs/paper.yaml"))
     params = {
@@ -347,7 +379,7 @@ def test_checkpoints_resume_only_the_same_run(tmp_path):
     assert first != run_directory(tmp_path / "ckpt", {"lr": 1e-3}, [data])
 
 
-def test_paper_scale_latents_are_decoded_by_the_vae(tmp_path):
+def test_paper_scale_latents_are_decoded_by_the_vae(tmp_path, tiny_dit):
     """DiT-XL/2 samples VAE latents: a tiny AutoencoderKL saved locally decodes them."""
     from diffusers import AutoencoderKL
 
@@ -360,7 +392,7 @@ def test_paper_scale_latents_are_decoded_by_the_vae(tmp_path):
     )
     vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
     decode = load_decoder(str(tmp_path / "vae"), local_files_only=True)
-    base = build_dit({**ARCH, "in_channels": 4})
+    base = tiny_dit(in_channels=4)
     method = Method("none", DiTDenoiser(base.eval()), 10, 0, 1, base.config)
     scheduler = scheduler_from_params(SAMPLER)
     labels = torch.arange(6) % 10
@@ -373,10 +405,12 @@ def test_paper_scale_latents_are_decoded_by_the_vae(tmp_path):
         load_decoder(str(tmp_path / "missing"), local_files_only=True)
 
 
-def test_transfer_loads_a_derived_checkpoint_or_refuses_mismatched_data(workdir, tmp_path):
+def test_transfer_loads_a_derived_checkpoint_or_refuses_mismatched_data(
+    workdir, tmp_path, tiny_dit
+):
     from repro.agd import transfer
 
-    derived = build_dit(ARCH)
+    derived = tiny_dit(seed=2)
     derived.save_pretrained(tmp_path / "hub" / "transformer", safe_serialization=True)
     params = {
         "pretrained": str(tmp_path / "hub"),
@@ -402,7 +436,7 @@ def test_transfer_loads_a_derived_checkpoint_or_refuses_mismatched_data(workdir,
             json.dumps(params),
         ]
     )
-    assert load_dit(tmp_path / "derived").config.num_layers == ARCH["num_layers"]
+    assert load_dit(tmp_path / "derived").config.num_layers == derived.config.num_layers
     wrong = tmp_path / "wide.safetensors"
     save_tensors(
         wrong, {"images": torch.zeros(4, 1, 16, 16), "labels": torch.zeros(4).long()}, kind="glyphs"

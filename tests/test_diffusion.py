@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from repro.core.diffusion import (
@@ -13,6 +13,7 @@ from repro.core.diffusion import (
     eps_of,
     epsilon_loss,
     make_scheduler,
+    module_device,
     q_sample,
     sample,
     scheduler_from_params,
@@ -53,20 +54,6 @@ def run(guidance, kind="ddim", seed=0, labels=(0, 1, 2, 1), steps=5, **kw):
         generator=torch.Generator().manual_seed(seed),
         **kw,
     )
-
-
-def tiny_dit(out_channels=1) -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=1,
-        out_channels=out_channels,
-        num_layers=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_embeds_ada_norm=NUM_CLASSES,
-    ).eval()
 
 
 def test_scheduler_kinds():
@@ -229,8 +216,8 @@ def test_clip_only_when_asked():
     assert run(big, clip=True).images.abs().max() <= 1
 
 
-def test_dit_denoiser_on_a_tiny_dit():
-    model = tiny_dit()
+def test_dit_denoiser_on_a_tiny_dit(tiny_dit):
+    model = tiny_dit(num_embeds_ada_norm=NUM_CLASSES)
     denoiser = DiTDenoiser(model)
     x, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 99]), torch.tensor([0, 2, NULL])
     with torch.no_grad():
@@ -242,7 +229,7 @@ def test_dit_denoiser_on_a_tiny_dit():
         denoiser(x, t, labels, torch.ones(3))
 
     # A learned-sigma DiT (2C outputs, like DiT-XL/2): eps then variance, eps_of takes eps.
-    sigma_model = tiny_dit(out_channels=2)
+    sigma_model = tiny_dit(num_embeds_ada_norm=NUM_CLASSES, out_channels=2)
     with torch.no_grad():
         out = DiTDenoiser(sigma_model)(x, t, labels)
         full = sigma_model(x, timestep=t, class_labels=labels).sample
@@ -324,3 +311,12 @@ def test_learned_variance_without_variance_channels_is_a_clear_error():
         run_learned(ToyDenoiser(), "learned_range")
     with pytest.raises(ReproInputError, match="variance_type.*needs kind 'ddpm'"):
         make_scheduler("ddim", variance_type="learned_range")
+
+
+def test_sampler_runs_where_the_denoiser_is_and_returns_with_the_labels():
+    assert module_device(nn.Linear(2, 2), torch.device("meta")) == torch.device("cpu")
+    # A callable without parameters (ToyDenoiser keeps a plain tensor) runs where `labels` are.
+    assert module_device(ToyDenoiser(), torch.device("meta")) == torch.device("meta")
+    assert module_device(lambda *a: None, torch.device("cpu")) == torch.device("cpu")
+    result = run(ClassifierFreeGuidance(2.0, NULL), record=True)
+    assert result.images.device == result.trajectory["x_t"].device == torch.device("cpu")

@@ -1,8 +1,10 @@
 """The SLA processor inside tiny WanTransformer3DModel and DiTTransformer2DModel."""
 
+from functools import partial
+
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from safetensors.torch import load_model, save_model
@@ -54,18 +56,10 @@ def wan_inputs(frames=2, size=16, seed=0):
     }
 
 
-def tiny_dit(seed=0):
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=1,
-        num_layers=2,
-        sample_size=8,
-        patch_size=1,
-        num_embeds_ada_norm=4,
-    )
-    return model.eval()
+@pytest.fixture
+def sla_dit(tiny_dit):
+    """The shared tiny DiT (conftest) with 64 tokens of 2 heads x 16: 4 blocks of 16 per row."""
+    return partial(tiny_dit, attention_head_dim=16, patch_size=1, num_embeds_ada_norm=4)
 
 
 def dit_inputs(seed=0):
@@ -108,8 +102,8 @@ def test_wan_at_full_density_equals_stock(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", FULL_CASES)
-def test_dit_at_full_density_equals_stock(kwargs):
-    model, inputs = tiny_dit(), dit_inputs()
+def test_dit_at_full_density_equals_stock(sla_dit, kwargs):
+    model, inputs = sla_dit(), dit_inputs()
     stock = run(model, inputs)
     installed = install_sla(model, **kwargs)
     assert sorted(installed) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
@@ -174,14 +168,14 @@ def test_save_pretrained_then_load_sla_weights_round_trips(tmp_path):
     torch.testing.assert_close(run(reloaded, inputs), expected, atol=0, rtol=0)
 
 
-def test_safetensors_model_file_round_trips(tmp_path):
-    model, inputs = tiny_dit(), dit_inputs()
+def test_safetensors_model_file_round_trips(sla_dit, tmp_path):
+    model, inputs = sla_dit(), dit_inputs()
     install_sla(model, **SPARSE)
     randomise_sla(model)
     expected = run(model, inputs)
     save_model(model, str(tmp_path / "dit.safetensors"))
 
-    fresh = tiny_dit(seed=5)
+    fresh = sla_dit(seed=5)
     install_sla(fresh, **SPARSE)
     assert (run(fresh, inputs) - expected).abs().max() > 1e-3
     missing, unexpected = load_model(fresh, str(tmp_path / "dit.safetensors"))
@@ -220,8 +214,8 @@ def test_flops_counter_sums_over_the_models_sla_modules():
     assert 0 < counter.flops.total < counter.flops.dense
 
 
-def test_bad_install_leaves_the_model_untouched():
-    model = tiny_dit()
+def test_bad_install_leaves_the_model_untouched(sla_dit):
+    model = sla_dit()
     with pytest.raises(ValueError, match="k_h \\+ k_l"):
         install_sla(model, k_h=0.7, k_l=0.7)
     with pytest.raises(ValueError, match="block_q=24"):

@@ -14,23 +14,17 @@ every later stage reads the base from the same place at every scale.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
-from repro.core.checkpoint import run_directory
-from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
+from repro.core.distributed import local_batch_size, step_generator
 from repro.core.modelio import build_dit, null_label, save_dit, set_label_dropout
-from repro.core.training import fit, optimiser_settings, summary_metrics
+from repro.core.stage import Stage, run
+from repro.core.training import fit, optimiser_settings
 
 log = logging.getLogger(__name__)
-
-
-def batch_generator(seed: int, step: int) -> torch.Generator:
-    """Batches are a pure function of (seed, step), so a resumed run sees the same data."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def train_denoiser(
@@ -39,6 +33,8 @@ def train_denoiser(
     """Train a DiT on (images, labels) with the epsilon loss; returns (model, fit summary).
 
     Used from scratch by agd_base and to derive a fine-tuned checkpoint by agd_transfer.
+    The model trains where it is; each step's batch is drawn on the CPU (a pure
+    function of seed, step and rank) and moved there.
     """
     # CFG needs the model to learn the unconditional (null-class) prediction too.
     # diffusers drops labels inside every block with the global RNG, independently
@@ -48,15 +44,15 @@ def train_denoiser(
     denoiser = DiTDenoiser(model)
     null, p_uncond = null_label(model), params["label_dropout"]
     scheduler = scheduler_from_params(params["sampler"])
-    seed, batch_size = params["seed"], params["batch_size"]
+    seed, batch_size = params["seed"], local_batch_size(params["batch_size"])
+    device = model.device
     torch.manual_seed(seed)
 
     def loss_fn(step: int) -> torch.Tensor:
-        gen = batch_generator(seed, step)
+        gen = step_generator(seed, step)
         idx = torch.randint(len(images), (batch_size,), generator=gen)
-        return epsilon_loss(
-            denoiser, scheduler, images[idx], labels[idx], gen, p_uncond=p_uncond, null_label=null
-        )
+        x0, y = images[idx].to(device), labels[idx].to(device)
+        return epsilon_loss(denoiser, scheduler, x0, y, gen, p_uncond=p_uncond, null_label=null)
 
     summary = fit(
         modules={"model": model},
@@ -71,14 +67,16 @@ def train_denoiser(
 
 
 def main(argv=None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--train", required=True, help="digits train split (safetensors)")
-    parser.add_argument("--out", required=True, help="output directory (diffusers format)")
-    parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
-    args = parse_stage_args(parser, argv)
-    params = args.params
-    start = time.perf_counter()
+    stage = Stage(
+        __doc__,
+        paper="agd",
+        out="output directory (diffusers format)",
+        metrics=True,
+        checkpoint_dir=True,
+    )
+    stage.parser.add_argument("--train", required=True, help="digits train split (safetensors)")
+    args = stage.start(argv)
+    params = stage.params
 
     if params.get("pretrained"):
         log.info("loading the pretrained base %s", params["pretrained"])
@@ -88,16 +86,16 @@ def main(argv=None) -> None:
         data = load_image_dataset(args.train, kind="digits")
         # Seeded init: the same config gives the same base in every process (torch's
         # global RNG is not reliably at its default seed once the libraries are imported).
-        model = build_dit({**params["model"], "seed": params["seed"]})
-        checkpoints = run_directory(args.checkpoint_dir, params, [args.train])
+        model = build_dit({**params["model"], "seed": params["seed"]}).to(stage.device)
         model, summary = train_denoiser(
-            model, params, data.images, data.labels, checkpoints, desc="agd_base"
+            model, params, data.images, data.labels, stage.checkpoints(args.train), "agd_base"
         )
 
-    save_dit(model, args.out)
-    metrics = summary_metrics(summary, start, parameters=sum(p.numel() for p in model.parameters()))
-    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
+    if stage.is_main:
+        save_dit(model, args.out)
+    parameters = sum(p.numel() for p in model.parameters())
+    stage.finish(stage.summary(summary, parameters=parameters))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,18 +12,17 @@ adapters are saved: they load onto any checkpoint derived from the same base.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
 from repro.agd.model import AdaptedDiT, AGDAdapters, save_adapters
 from repro.agd.trajectories import TrajectoryStore
-from repro.core.checkpoint import run_directory
-from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.diffusion import eps_of
+from repro.core.distributed import local_batch_size, step_generator
 from repro.core.modelio import load_dit
-from repro.core.training import fit, optimiser_settings, summary_metrics
+from repro.core.stage import Stage, run
+from repro.core.training import fit, optimiser_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,19 @@ def distill(
 ) -> dict:
     """Fit the student's trainable parameters to the stored guided eps.
 
-    Minibatches are gathered from the memory-mapped store: memory holds a batch, not the set.
+    Minibatches are gathered from the memory-mapped store (memory holds a batch, not
+    the set) and moved to the student's device.
     """
-    seed, batch_size, n = params["seed"], params["batch_size"], len(data)
+    seed, batch_size, n = params["seed"], local_batch_size(params["batch_size"]), len(data)
+    device = student.base.device
     torch.manual_seed(seed)
     # The base runs in eval mode: its label dropout must not corrupt the class.
     student.eval()
 
     def loss_fn(step: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = data[torch.randint(n, (batch_size,), generator=gen)]
+        gen = step_generator(seed, step)
+        rows = torch.randint(n, (batch_size,), generator=gen)
+        batch = {key: value.to(device) for key, value in data[rows].items()}
         pred = student(batch["x_t"], batch["t"], batch["labels"], batch["w"])
         return F.mse_loss(eps_of(pred, batch["x_t"]), batch["eps"])
 
@@ -87,33 +89,27 @@ def distill(
     )
 
 
-def run(args, train_base: bool, desc: str):
-    """Shared by agd_distill and agd_gd: build the student, fit it, report metrics."""
-    params = args.params
-    start = time.perf_counter()
+def main(argv=None) -> None:
+    stage = Stage(
+        __doc__,
+        paper="agd",
+        out="output adapters (safetensors)",
+        metrics=True,
+        checkpoint_dir=True,
+    )
+    stage.parser.add_argument("--base", required=True, help="base model directory")
+    stage.parser.add_argument("--trajectories", required=True, help="trajectory shard directory")
+    args = stage.start(argv)
     base = load_dit(args.base)
     data = TrajectoryStore(args.trajectories)
-    adapters = adapters_for(base, params)
-    student = AdaptedDiT(base, adapters, train_base=train_base)
-    checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.trajectories])
-    summary = distill(student, data, params, checkpoints, desc)
-    metrics = summary_metrics(summary, start, **adapter_counts(student))
-    metrics["train_samples"] = len(data)
-    return student, metrics
-
-
-def main(argv=None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--base", required=True, help="base model directory")
-    parser.add_argument("--trajectories", required=True, help="trajectory shard directory")
-    parser.add_argument("--out", required=True, help="output adapters (safetensors)")
-    parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
-    args = parse_stage_args(parser, argv)
-    student, metrics = run(args, train_base=False, desc="agd_distill")
-    save_adapters(args.out, student.adapters, extra_meta={"metrics": metrics})
-    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
+    student = AdaptedDiT(base, adapters_for(base, stage.params)).to(stage.device)
+    checkpoints = stage.checkpoints(args.base, args.trajectories)
+    summary = distill(student, data, stage.params, checkpoints, desc="agd_distill")
+    metrics = stage.summary(summary, **adapter_counts(student), train_samples=len(data))
+    if stage.is_main:
+        save_adapters(args.out, student.adapters, extra_meta={"metrics": metrics})
+    stage.finish(metrics)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

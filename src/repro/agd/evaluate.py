@@ -20,12 +20,12 @@ import torch
 
 from repro.agd.methods import GUIDED, load_decoder, load_method
 from repro.agd.table import COLUMNS
-from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
-from repro.core.diffusion import sample, scheduler_from_params
+from repro.core.diffusion import sample, sample_generator, scheduler_from_params
 from repro.core.errors import ReproInputError
 from repro.core.metrics import build_scorer
 from repro.core.results import write_table
+from repro.core.stage import Stage, run
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,12 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
 def generate(method, scheduler, shape, labels, steps, scale, batch_size, seed, decode=None):
     """Sample len(labels) images in batches; returns (images, nfe per image, images/s).
 
-    `decode` maps latents to images (paper scale); its time counts in images/s.
+    `decode` maps latents to images (paper scale); its time counts in images/s. The
+    method samples on its own device; the images come back on the CPU, with `labels`.
     """
     images, nfe, seconds = [], 0, 0.0
     for i, start in enumerate(range(0, len(labels), batch_size)):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        gen = sample_generator(seed, i)
         tic = time.perf_counter()
         result = sample(
             method.denoiser,
@@ -70,8 +71,9 @@ def score(scorers: dict, images: torch.Tensor) -> dict:
     }
 
 
-def evaluate_seed(args, params, scorers, seed, adapters=None, gd=None) -> list[dict]:
-    """Rows of one seed: each guidance scale of the grid (one row for unguided methods)."""
+def evaluate_seed(args, params, scorers, seed, adapters=None, gd=None, device=None) -> list[dict]:
+    """Rows of one seed: each guidance scale of the grid (one row for unguided methods),
+    the models on `device` (default: where they are loaded)."""
     n, steps = params["num_samples"], params["sampler"]["steps"]
     if args.method == "real":
         train = load_image_dataset(args.train, kind="digits")
@@ -91,9 +93,12 @@ def evaluate_seed(args, params, scorers, seed, adapters=None, gd=None) -> list[d
                 **scores,
             )
         ]
-    method = load_method(args.method, args.checkpoint, adapters, gd)
+    method = load_method(args.method, args.checkpoint, adapters, gd, device=device)
     decode = load_decoder(
-        params.get("vae"), params.get("local_files_only", True), params.get("cache_dir")
+        params.get("vae"),
+        params.get("local_files_only", True),
+        params.get("cache_dir"),
+        device=device,
     )
     labels = balanced_labels(n, method.num_classes)
     scheduler = scheduler_from_params(params["sampler"])
@@ -148,39 +153,37 @@ def per_seed(values: list[str] | None, seeds: list[int], flag: str) -> list:
 
 
 def main(argv=None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--checkpoint", required=True, help="DiT directory to sample from")
-    parser.add_argument("--checkpoint-name", required=True, help="label in the table")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True)
-    parser.add_argument("--adapters", nargs="+", default=None, help="one file per seed")
-    parser.add_argument("--gd", nargs="+", default=None, help="one directory per seed")
-    parser.add_argument("--train", default=None, help="real training images (method real)")
-    parser.add_argument("--reference", required=True, help="held-out test images (reported)")
-    parser.add_argument("--validation", required=True, help="held-out val images (selection)")
-    parser.add_argument("--classifier", required=True, help="feature network")
-    parser.add_argument("--out", required=True)
-    args = parse_stage_args(parser, argv)
-    params = args.params
+    stage = Stage(__doc__, paper="agd", out="output table (CSV)")
+    add = stage.parser.add_argument
+    add("--method", required=True)
+    add("--checkpoint", required=True, help="DiT directory to sample from")
+    add("--checkpoint-name", required=True, help="label in the table")
+    add("--seeds", type=int, nargs="+", required=True)
+    add("--adapters", nargs="+", default=None, help="one file per seed")
+    add("--gd", nargs="+", default=None, help="one directory per seed")
+    add("--train", default=None, help="real training images (method real)")
+    add("--reference", required=True, help="held-out test images (reported)")
+    add("--validation", required=True, help="held-out val images (selection)")
+    add("--classifier", required=True, help="feature network")
+    args = stage.start(argv)
+    params = stage.params
 
     scorer_params = {**params, "classifier": args.classifier}
     scorers = {
-        "test": build_scorer(scorer_params, load_image_dataset(args.reference).images),
-        "val": build_scorer(scorer_params, load_image_dataset(args.validation).images),
+        split: build_scorer(scorer_params, load_image_dataset(path).images, device=stage.device)
+        for split, path in (("test", args.reference), ("val", args.validation))
     }
     adapters = per_seed(args.adapters, args.seeds, "--adapters")
     gds = per_seed(args.gd, args.seeds, "--gd")
     rows = []
     for seed, adapter, gd in zip(args.seeds, adapters, gds, strict=True):
-        rows += evaluate_seed(args, params, scorers, seed, adapter, gd)
+        rows += evaluate_seed(args, params, scorers, seed, adapter, gd, device=stage.device)
     table = pd.DataFrame(rows)[COLUMNS]
     write_table(table, args.out)
     summary = table.groupby("guidance_scale", dropna=False).fid.mean()
     metrics = {f"fid_w{w:g}": float(f) for w, f in summary.items()}
-    finish_stage(
-        args,
-        paper="agd",
-        metrics=metrics,
+    stage.finish(
+        metrics,
         artifacts=[args.out],
         params={
             **params,
@@ -192,4 +195,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -60,8 +60,17 @@ def load_method(
     checkpoint: str | Path,
     adapters: str | Path | None = None,
     gd: str | Path | None = None,
+    device: torch.device | None = None,
 ) -> Method:
-    """Load `name` on the given checkpoint (a diffusers DiT directory)."""
+    """Load `name` on the given checkpoint (a diffusers DiT directory), on `device`
+    (default: where it was loaded)."""
+    method = _load_method(name, checkpoint, adapters, gd)
+    if device is not None:
+        method.denoiser.to(device)
+    return method
+
+
+def _load_method(name, checkpoint, adapters, gd) -> Method:
     if name in ADAPTER_METHODS:
         if adapters is None:
             raise ReproInputError(f"method {name} needs --adapters")
@@ -89,12 +98,18 @@ def load_method(
     raise ReproInputError(f"agd.eval.methods: unknown method {name!r}")
 
 
-def load_decoder(vae: str | None, local_files_only: bool = True, cache_dir: str | None = None):
+def load_decoder(
+    vae: str | None,
+    local_files_only: bool = True,
+    cache_dir: str | None = None,
+    device: torch.device | None = None,
+):
     """Latents -> images in [-1, 1] through a diffusers AutoencoderKL, or None.
 
     Paper scale: DiT-XL/2 samples 4x32x32 latents of the SD VAE (`agd.base.vae`),
     read from the hub cache `cache_dir` (filled by the hub_fetch rule); tiny
-    scale samples pixels and needs no decoder.
+    scale samples pixels and needs no decoder. The VAE runs on `device` (default:
+    where it was loaded); the images come back on the latents' device.
     """
     if not vae:
         return None
@@ -106,9 +121,12 @@ def load_decoder(vae: str | None, local_files_only: bool = True, cache_dir: str 
         ).eval()
     except (OSError, ValueError) as err:
         raise ReproInputError(f"agd.base.vae: cannot load the VAE {vae!r} ({err})") from err
+    if device is not None:
+        model.to(device)
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return model.decode(latents / model.config.scaling_factor).sample.clamp(-1, 1)
+        scaled = latents.to(model.device) / model.config.scaling_factor
+        return model.decode(scaled).sample.clamp(-1, 1).to(latents.device)
 
     return decode

@@ -10,12 +10,11 @@ what `dvc metrics show` reads.
 
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
 
 from repro.core.io import write_json
 from repro.core.results import read_table, write_table
+from repro.core.stage import Stage, run
 
 # The headline table's columns (repro.agd.evaluate writes one row per scale and seed).
 COLUMNS = [
@@ -35,11 +34,10 @@ COLUMNS = [
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--metrics", required=True, help="summary JSON for dvc metrics")
-    parser.add_argument("tables", nargs="+")
-    args = parser.parse_args(argv)
+    stage = Stage(__doc__, paper="agd", out="the headline table (CSV)")
+    stage.parser.add_argument("--metrics", required=True, help="summary JSON for dvc metrics")
+    stage.parser.add_argument("tables", nargs="+", help="the evaluation tables")
+    args = stage.start(argv)
     table = pd.concat([read_table(p, required=COLUMNS) for p in args.tables], ignore_index=True)
     table = table[COLUMNS].sort_values(["checkpoint", "method", "guidance_scale", "seed"])
     write_table(table, args.out)
@@ -52,4 +50,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

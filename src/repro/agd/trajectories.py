@@ -25,19 +25,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from repro.core.cli import parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.diffusion import (
     ClassifierFreeGuidance,
     DiTDenoiser,
     eps_of,
+    module_device,
     q_sample,
     sample,
+    sample_generator,
     scheduler_from_params,
 )
 from repro.core.errors import ReproInputError
 from repro.core.io import map_tensors, read_json, save_tensors, sha256_file, write_json
 from repro.core.modelio import load_dit, null_label
+from repro.core.stage import Stage, run
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,14 @@ def trajectory_plan(num_classes: int, per_class: int, w_min: float, w_max: float
 
 @torch.no_grad()
 def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_size, seed, out):
-    """Run the CFG sampler and hand every step of every trajectory to `out` (a ShardWriter)."""
+    """Run the CFG sampler and hand every step of every trajectory to `out` (a ShardWriter).
+
+    The sampler runs on the denoiser's device; the trajectories come back on the CPU.
+    """
     batches = range(0, len(labels), batch_size)
     for i, start in enumerate(tqdm(batches, desc="cfg trajectories", disable=None)):
         y, wb = labels[start : start + batch_size], w[start : start + batch_size]
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        gen = sample_generator(seed, i)
         result = sample(
             denoiser,
             scheduler,
@@ -85,7 +90,11 @@ def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_s
 def standard_trajectories(
     denoiser, scheduler, images, image_labels, labels, w, steps, null, batch_size, seed, out
 ):
-    """Forward-noised real images at the sampler's timesteps, with CFG targets, into `out`."""
+    """Forward-noised real images at the sampler's timesteps, with CFG targets, into `out`.
+
+    Images and noise are drawn on the CPU; the targets are computed on the denoiser's device.
+    """
+    device = module_device(denoiser, images.device)
     gen = torch.Generator().manual_seed(seed)
     # One real image of the right class per trajectory.
     x0 = torch.empty(len(labels), *images.shape[1:])
@@ -105,8 +114,10 @@ def standard_trajectories(
             tb = torch.full((len(y),), int(t), dtype=torch.long)
             noise = torch.randn(x0b.shape, generator=gen)
             x_t = q_sample(scheduler, x0b, noise, tb)
-            eps = eps_of(ClassifierFreeGuidance(wb, null)(denoiser, x_t, tb, y), x_t)
-            out.add(x_t=x_t, t=tb, labels=y, w=wb, eps=eps)
+            guided = ClassifierFreeGuidance(wb, null)(
+                denoiser, x_t.to(device), tb.to(device), y.to(device)
+            )
+            out.add(x_t=x_t, t=tb, labels=y, w=wb, eps=eps_of(guided, x_t))
 
 
 class ShardWriter:
@@ -211,15 +222,14 @@ def load_trajectories(directory) -> dict[str, torch.Tensor]:
 
 
 def main(argv=None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--kind", choices=["cfg", "standard"], required=True)
-    parser.add_argument("--base", required=True, help="base model directory")
-    parser.add_argument("--train", required=True, help="real training images (standard kind)")
-    parser.add_argument("--out", required=True, help="output directory of shards")
-    args = parse_stage_args(parser, argv)
-    p = args.params
+    stage = Stage(__doc__, paper="agd", out="output directory of shards")
+    stage.parser.add_argument("--kind", choices=["cfg", "standard"], required=True)
+    stage.parser.add_argument("--base", required=True, help="base model directory")
+    stage.parser.add_argument("--train", required=True, help="real training images (standard kind)")
+    args = stage.start(argv)
+    p = stage.params
 
-    model = load_dit(args.base).eval()
+    model = load_dit(args.base).eval().to(stage.device)
     denoiser = DiTDenoiser(model)
     null = null_label(model)
     scheduler = scheduler_from_params(p["sampler"])
@@ -255,4 +265,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,54 +12,60 @@ them with CFG on this checkpoint.
 from __future__ import annotations
 
 import logging
-import time
 
 from repro.agd.base import train_denoiser
-from repro.core.checkpoint import run_directory
-from repro.core.cli import finish_stage, parse_stage_args, stage_parser
 from repro.core.data import load_image_dataset
 from repro.core.errors import ReproInputError
 from repro.core.modelio import build_dit, load_dit, save_dit
-from repro.core.training import summary_metrics
+from repro.core.stage import Stage, run
 
 log = logging.getLogger(__name__)
 
 
-def fine_tune(args, params: dict):
-    """Derive a checkpoint: the base fine-tuned briefly on another image set."""
-    model = load_dit(args.base)
-    data = load_image_dataset(args.data)
+def check_images_fit(model, images, path) -> None:
+    """The fine-tuning images must have the base's shape (channels, size)."""
     expected = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
-    if tuple(data.images.shape[1:]) != expected:
+    if tuple(images.shape[1:]) != expected:
         raise ReproInputError(
-            f"{args.data}: images of shape {tuple(data.images.shape[1:])}, the base expects "
+            f"{path}: images of shape {tuple(images.shape[1:])}, the base expects "
             f"{expected}; at paper scale set agd.transfer.pretrained to a derived checkpoint"
         )
-    checkpoints = run_directory(args.checkpoint_dir, params, [args.base, args.data])
-    return train_denoiser(model, params, data.images, data.labels, checkpoints, desc="agd_transfer")
 
 
 def main(argv=None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--base", required=True, help="base model directory")
-    parser.add_argument("--data", required=True, help="fine-tuning images (safetensors)")
-    parser.add_argument("--out", required=True, help="output directory (diffusers format)")
-    parser.add_argument("--metrics", required=True, help="output metrics JSON")
-    parser.add_argument("--checkpoint-dir", required=True, help="resume checkpoints")
-    args = parse_stage_args(parser, argv)
-    params = args.params
-    start = time.perf_counter()
+    stage = Stage(
+        __doc__,
+        paper="agd",
+        out="output directory (diffusers format)",
+        metrics=True,
+        checkpoint_dir=True,
+    )
+    stage.parser.add_argument("--base", required=True, help="base model directory")
+    stage.parser.add_argument("--data", required=True, help="fine-tuning images (safetensors)")
+    args = stage.start(argv)
+    params = stage.params
 
     if params.get("pretrained"):
         # Paper scale: a checkpoint derived elsewhere from the same base (a fine-tune).
         model = build_dit(params)
         summary = {"steps": 0, "final_loss": float("nan")}
     else:
-        model, summary = fine_tune(args, params)
-    save_dit(model, args.out)
-    metrics = summary_metrics(summary, start)
-    finish_stage(args, paper="agd", metrics=metrics, metrics_path=args.metrics)
+        # Derive a checkpoint: the base fine-tuned briefly on another image set.
+        model = load_dit(args.base)
+        data = load_image_dataset(args.data)
+        check_images_fit(model, data.images, args.data)
+        model, summary = train_denoiser(
+            model.to(stage.device),
+            params,
+            data.images,
+            data.labels,
+            stage.checkpoints(args.base, args.data),
+            desc="agd_transfer",
+        )
+    if stage.is_main:
+        save_dit(model, args.out)
+    stage.finish(stage.summary(summary))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

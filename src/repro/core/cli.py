@@ -1,9 +1,9 @@
-"""The command-line convention every stage shares.
+"""Command-line primitives the stages share (repro.core.stage builds the stage shape on them).
 
 A Snakemake rule calls `python -m repro.<paper>.<stage>` with input/output paths
 and `--params '<json>'` (its config section, quoted by Snakemake), plus
-`--threads`, `--rule` and `--scale`. Running the same command by hand runs the
-same stage: the rule's log starts with the exact command line.
+`--threads`, `--rule`, `--scale` and optionally `--device`. Running the same
+command by hand runs the same stage: the rule's log starts with the exact command line.
 """
 
 from __future__ import annotations
@@ -23,42 +23,56 @@ from repro.core.errors import ReproInputError
 log = logging.getLogger("repro")
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    """An ArgumentParser with the arguments every stage takes."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "--params",
-        type=_json_arg,
-        default={},
-        help="the rule's config section as JSON, or @path/to/file.json",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--rule", default="manual", help="Snakemake rule name (MLflow tag)")
-    parser.add_argument("--scale", default="tiny", help="config scale (MLflow tag)")
-    return parser
+def setup_logging() -> None:
+    """INFO and up to stdout; stderr stays for a failure (one line, or a traceback).
 
-
-def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
-    """Parse, set up logging and torch threads, and echo the command line."""
-    args = parser.parse_args(argv)
+    A rule sends both to its log (`> {log} 2>&1`), in order: every record is flushed.
+    """
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        stream=sys.stdout,
     )
-    set_threads(args.threads)
-    keep_freed_memory()
+
+
+def log_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
+    """Log the command line as it can be rerun: `python -m <module> <arguments>`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     prog = f"-m {spec.name}" if spec is not None else parser.prog
     log.info("command: python %s %s", prog, shlex.join(argv))
-    return args
+
+
+def json_object(text: str) -> dict:
+    """--params: a JSON object, or @path/to/file.json."""
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--params must be a JSON object")
+    return value
+
+
+def require(params: dict, key: str, section: str = "params"):
+    """params[key], or a ReproInputError naming the missing key."""
+    if key not in params:
+        raise ReproInputError(f"{section}.{key}: missing (got keys {sorted(params)})")
+    return params[key]
 
 
 def set_threads(threads: int) -> None:
-    """Give torch exactly the cores Snakemake granted this job."""
-    threads = max(1, int(threads))
+    """Give torch exactly the cores Snakemake granted this job.
+
+    Under torchrun the job's cores are shared by the processes of this node
+    (LOCAL_WORLD_SIZE of them): each takes its share, so they do not oversubscribe.
+    """
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, int(threads) // max(1, per_node))
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
@@ -92,49 +106,4 @@ def keep_freed_memory() -> bool:
     # Fixing either threshold turns off glibc's adaptive one, so both are set.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
-
-
-def require(params: dict, key: str, section: str = "params"):
-    """params[key], or a ReproInputError naming the missing key."""
-    if key not in params:
-        raise ReproInputError(f"{section}.{key}: missing (got keys {sorted(params)})")
-    return params[key]
-
-
-def _json_arg(text: str) -> dict:
-    if text.startswith("@"):
-        with open(text[1:]) as f:
-            text = f.read()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--params is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--params must be a JSON object")
-    return value
-
-
-def finish_stage(
-    args, *, paper: str, metrics: dict, metrics_path=None, artifacts=(), params=None
-) -> None:
-    """How every training and evaluation stage ends: metrics JSON, a log line, one MLflow run.
-
-    `params` (default: the stage's --params) is what the MLflow run records.
-    """
-    from repro.core.io import write_json
-    from repro.core.tracking import log_run
-
-    artifacts = list(artifacts)
-    if metrics_path is not None:
-        write_json(metrics_path, metrics)
-        artifacts.append(metrics_path)
-    log.info("%s metrics: %s", args.rule, metrics)
-    log_run(
-        paper=paper,
-        rule=args.rule,
-        scale=args.scale,
-        params=args.params if params is None else params,
-        metrics=metrics,
-        artifacts=artifacts,
     )

@@ -429,23 +429,26 @@ def _write_glyphs(out: Path, params: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from repro.core.cli import parse_stage_args, stage_parser
+    from repro.core.stage import Stage
 
-    parser = stage_parser("Write the tiny-scale image datasets (digits splits or glyphs).")
+    stage = Stage("Write the tiny-scale image datasets (digits splits or glyphs).", paper="core")
+    parser = stage.parser
     parser.prog = "repro.core.data"
     parser.add_argument("dataset", choices=("digits", "glyphs"))
     parser.add_argument("--out-dir", type=Path, help="digits: directory for the three splits")
     parser.add_argument("--out", type=Path, help="glyphs: the .safetensors file to write")
-    args = parse_stage_args(parser, argv)
+    args = stage.start(argv)
     if args.dataset == "digits":
         if args.out_dir is None:
             parser.error("digits needs --out-dir")
-        _write_digits(args.out_dir, args.params)
+        _write_digits(args.out_dir, stage.params)
     else:
         if args.out is None:
             parser.error("glyphs needs --out")
-        _write_glyphs(args.out, args.params)
+        _write_glyphs(args.out, stage.params)
 
 
 if __name__ == "__main__":
-    main()
+    from repro.core.stage import run
+
+    run(main)

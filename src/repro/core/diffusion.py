@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
+from repro.core.distributed import STEP_STRIDE
 from repro.core.errors import ReproInputError
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -191,6 +192,22 @@ def _per_sample(scale, x: torch.Tensor):
 # ----------------------------------------------------------------------------- sampling
 
 
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of sampling batch `index` of a run seeded `seed`.
+
+    Unlike a training step's (repro.core.distributed.step_generator) it is the same
+    in every process: batch `index` gets the same noise however the batches are shared out.
+    """
+    return torch.Generator().manual_seed(int(seed) * STEP_STRIDE + int(index))
+
+
+def module_device(module, default: torch.device) -> torch.device:
+    """Where `module`'s parameters live; `default` for a callable that has none."""
+    parameters = module.parameters() if isinstance(module, nn.Module) else iter(())
+    first = next(parameters, None)
+    return default if first is None else first.device
+
+
 @dataclass
 class SampleResult:
     images: torch.Tensor  # [B,C,H,W]
@@ -219,8 +236,14 @@ def sample(
     timestep and the guided eps the scheduler stepped with (the training data of
     trajectory-based guidance distillation). `eta` applies to DDIM only (DDPM is
     always stochastic); the DDPM/DDIM noise also comes from `generator`.
+
+    The sampler runs where the denoiser's parameters are; the images (and the
+    trajectory) come back on the device of `labels`, so a caller on the CPU never
+    handles GPU tensors.
     """
-    b, device = labels.shape[0], labels.device
+    b, home = labels.shape[0], labels.device
+    device = module_device(denoiser, home)
+    labels = labels.to(device)
     learned = getattr(scheduler.config, "variance_type", None) in LEARNED_VARIANCE
     x = torch.randn((b, *shape), generator=generator, device=generator.device).to(device)
     x = x * scheduler.init_noise_sigma
@@ -238,9 +261,9 @@ def sample(
             )
         eps = eps_of(out, x)
         if record:
-            xs.append(x.cpu())
+            xs.append(x.to(home))
             ts.append(int(t))
-            epss.append(eps.cpu())
+            epss.append(eps.to(home))
         x = scheduler.step(out if learned else eps, t, x, generator=generator, **step_kw)
         x = x.prev_sample
     trajectory = None
@@ -250,7 +273,7 @@ def sample(
             "t": torch.tensor(ts, dtype=torch.long),
             "eps": torch.stack(epss),
         }
-    images = x.clamp(-1, 1) if clip else x
+    images = (x.clamp(-1, 1) if clip else x).to(home)
     return SampleResult(images, steps * guidance.nfe_per_step, trajectory)
 
 

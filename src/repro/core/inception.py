@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repro.core.cli import log_command, setup_logging
 from repro.core.errors import ReproInputError
 from repro.core.io import load_tensors, save_tensors, sha256_file
 
@@ -430,7 +430,8 @@ def convert(pth: str | os.PathLike, out: str | os.PathLike) -> None:
     if not pth.is_file():
         raise ReproInputError(f"{pth}: file not found (download it from {URL_INCEPTION_V3})")
     try:
-        state = torch.load(pth, map_location="cpu", weights_only=True)
+        # Every tensor into host memory, whatever device it was saved from.
+        state = torch.load(pth, map_location=lambda storage, _: storage, weights_only=True)
     except Exception as err:  # torch.load raises many types for truncated / foreign files
         raise ReproInputError(
             f"{pth}: truncated, corrupt or not a PyTorch weights file ({type(err).__name__}: {err})"
@@ -486,15 +487,15 @@ def main(argv: list[str] | None = None) -> None:
     get.add_argument("--out", required=True, help=".safetensors file to write")
     get.add_argument("--url", default=URL_INCEPTION_V3, help="where the .pth lives")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "fetch":
-            fetch(args.out, args.url)
-        else:
-            convert(args.pth, args.out)
-    except ReproInputError as err:
-        sys.exit(f"error: {err}")
+    setup_logging()
+    log_command(parser, argv)
+    if args.command == "fetch":
+        fetch(args.out, args.url)
+    else:
+        convert(args.pth, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    from repro.core.stage import run
+
+    run(main)  # bad input: one line on stderr, exit status 2

@@ -110,15 +110,15 @@ class _InceptionV3:
 
     Images are quantised to uint8 as saved samples are, then resized inside the net with
     TensorFlow 1's bilinear resize, as the standard FID protocol does. The net runs on
-    the GPU when there is one. One forward pass serves both outputs: the last batch's
-    are kept so that ImageScorer's feature_fn and logits_fn calls on the same batch run
-    the net once.
+    `device`; features and logits come back on the images' device. One forward pass
+    serves both outputs: the last batch's are kept so that ImageScorer's feature_fn and
+    logits_fn calls on the same batch run the net once.
     """
 
-    def __init__(self, weights_path: str):
+    def __init__(self, weights_path: str, device: torch.device):
         from repro.core.inception import load_inception
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
         self.net = load_inception(weights_path).to(self.device)
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -128,7 +128,7 @@ class _InceptionV3:
 
         if self._last is None or self._last[0] is not images:
             feats, logits = self.net(to_uint8_rgb(images).to(self.device))
-            self._last = (images, (feats.cpu(), logits.cpu()))
+            self._last = (images, (feats.to(images.device), logits.to(images.device)))
         return self._last[1]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -138,11 +138,24 @@ class _InceptionV3:
         return self._run(images)[1]
 
 
-def build_scorer(params: dict, reference_images: torch.Tensor) -> ImageScorer:
+def _on(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+    """`fn` run on `device`, its output returned to the input's device."""
+    return lambda images: fn(images.to(device)).to(images.device)
+
+
+def build_scorer(
+    params: dict, reference_images: torch.Tensor, device: torch.device | None = None
+) -> ImageScorer:
     """An ImageScorer for params["feature_net"]: "digit_classifier" (params["classifier"] =
     its safetensors file) or "inception" (params["inception_weights"] = the FID
     Inception-v3 weights as a local .safetensors file, made by
-    `python -m repro.core.inception convert`; nothing is downloaded here)."""
+    `python -m repro.core.inception convert`; nothing is downloaded here).
+
+    The feature network runs on `device` (default: repro.core.distributed's "auto").
+    """
+    from repro.core.distributed import resolve_device
+
+    device = resolve_device("auto") if device is None else device
     net = params.get("feature_net")
     batch_size = int(params.get("batch_size", 512))
     if net == "digit_classifier":
@@ -150,8 +163,10 @@ def build_scorer(params: dict, reference_images: torch.Tensor) -> ImageScorer:
 
         if "classifier" not in params:
             raise ReproInputError("params.classifier: missing (the digit classifier .safetensors)")
-        model = load_classifier(params["classifier"])
-        return ImageScorer(model.features, model, reference_images, batch_size)
+        model = load_classifier(params["classifier"]).to(device)
+        return ImageScorer(
+            _on(model.features, device), _on(model, device), reference_images, batch_size
+        )
     if net == "inception":
         from repro.core.inception import URL_INCEPTION_V3
 
@@ -167,7 +182,7 @@ def build_scorer(params: dict, reference_images: torch.Tensor) -> ImageScorer:
                 f"Inception-v3 weights as a local .safetensors file: {how}"
             )
         try:
-            inception = _InceptionV3(path)
+            inception = _InceptionV3(path, device)
         except ReproInputError as err:  # names the file; add the key and the remedy
             raise ReproInputError(
                 f"params.inception_weights (feature_net='inception'): {err}. To make the "

@@ -33,9 +33,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from repro.core.cli import parse_stage_args, stage_parser
 from repro.core.errors import ReproInputError
 from repro.core.results import write_table
+from repro.core.stage import Stage, describe_device, run
 from repro.kernels.sla_reference import block_counts
 
 COLUMNS = [
@@ -66,6 +66,9 @@ SHAPE_KEYS = ("batch", "heads", "seq_len", "head_dim", "dtype")  # what the base
 PASSES = ("forward", "backward")
 LINEAR_FORMS = ("marginal", "all", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The device type whose timings mean something (CUDA events, the compiled Triton kernels);
+# elsewhere the same code runs under TRITON_INTERPRET=1 as a check, not a measurement.
+TIMED_ON = "cuda"
 
 # The paper's point; the sweeps vary one knob around it.
 DEFAULTS = {
@@ -151,7 +154,7 @@ def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
+        if device.type == TIMED_ON:
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
             fn()
@@ -250,7 +253,7 @@ def _row(kernel, pass_name, point, p, **values):
         speedup_vs_sdpa_flash=math.nan,
         status="skipped",
         reason="",
-        device="cpu",
+        device="",
         max_abs_err=math.nan,
         k_h=round(1.0 - point["sparsity"], 6) if sla else math.nan,
         k_l=point["k_l"] if sla else math.nan,
@@ -262,27 +265,28 @@ def _row(kernel, pass_name, point, p, **values):
     return row
 
 
-def skipped_rows(p: dict, reason: str) -> list[dict]:
-    """The table a CUDA run would write, every row marked skipped with `reason`."""
+def skipped_rows(p: dict, reason: str, device: str = "") -> list[dict]:
+    """The table a CUDA run would write, every row marked skipped with `reason` on `device`."""
     rows, shapes = [], []
     for point in points(p):
         shape = {k: point[k] for k in SHAPE_KEYS}
+        kw = dict(reason=reason, device=device)
         if shape not in shapes:
             shapes.append(shape)
             for kernel in ("sdpa_flash", "dense"):
-                rows += [_row(kernel, ps, point, p, reason=reason) for ps in PASSES]
-        rows += [_row("sla", ps, point, p, reason=reason) for ps in PASSES]
+                rows += [_row(kernel, ps, point, p, **kw) for ps in PASSES]
+        rows += [_row("sla", ps, point, p, **kw) for ps in PASSES]
     return rows
 
 
-def run_timed(p: dict, device: str = "cuda") -> list[dict]:
-    """Time every point on `device`: "cuda" for the real table; "cpu" runs the same code
-    under TRITON_INTERPRET=1 at toy shapes, which is how the tests check this path."""
+def run_timed(p: dict, device: str | torch.device) -> list[dict]:
+    """Time every point on `device`: a CUDA device for the real table; the CPU runs the
+    same code under TRITON_INTERPRET=1 at toy shapes, which is how the tests check this path."""
     from repro.kernels.sla_reference import classify_blocks
     from repro.kernels.sla_triton import sla_triton
 
     on = torch.device(device)
-    device = torch.cuda.get_device_name() if on.type == "cuda" else f"{on.type} (not a timing)"
+    device = describe_device(on) if on.type == TIMED_ON else f"{on.type} (not a timing)"
     reps, warm = int(p["repeats"]), int(p["warmup"])
     rows, baseline = [], {}  # baseline[(shape key, pass)] = sdpa flash ms
     for point in points(p):
@@ -365,17 +369,21 @@ def _timed_row(kernel, ps, point, p, ms, baseline, shape_key, device):
 
 
 def main(argv=None) -> None:
-    parser = stage_parser(__doc__)
-    parser.add_argument("--out", required=True, help="CSV to write (atomically)")
-    args = parse_stage_args(parser, argv)
-    p = resolve_params(args.params)
-    if torch.cuda.is_available():
-        rows = run_timed(p, "cuda")
+    stage = Stage(__doc__, paper="sla", out="CSV to write (atomically)")
+    stage.start(argv)
+    p = resolve_params(stage.params)
+    if stage.device.type == TIMED_ON:
+        rows = run_timed(p, stage.device)
     else:
-        rows = skipped_rows(p, "no CUDA device")
-        print(f"no CUDA device: writing {len(rows)} rows marked skipped")
-    write_table(pd.DataFrame(rows, columns=COLUMNS), args.out)
+        reason = (
+            f"--device {stage.args.device}: the kernels are timed on CUDA only"
+            if torch.cuda.is_available()
+            else "no CUDA device"
+        )
+        rows = skipped_rows(p, reason, describe_device(stage.device))
+        print(f"{reason}: writing {len(rows)} rows marked skipped")
+    write_table(pd.DataFrame(rows, columns=COLUMNS), stage.args.out)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
