@@ -1,6 +1,11 @@
 # AGD: Efficient Distillation of Classifier-Free Guidance using Adapters.
 # base -> CFG-guided (and standard) trajectories -> adapters (AGD) / whole-model
 # guidance distillation (GD) -> evaluation over w and seeds -> table, figures, claims.
+# Registered in repro.agd.workflow (config checks, hub keys, targets); config
+# section `agd`, schema schemas/agd.schema.yaml.
+
+
+include: "agd_common.smk"
 
 
 wildcard_constraints:
@@ -27,19 +32,20 @@ rule agd_base:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus("agd", "base"),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section(
             "agd", "base", sampler=AGD["sampler"], **hub_options("agd.base.pretrained")
         ),
         checkpoints="checkpoints/agd_base",
     shell:
-        "{params.py} -m repro.agd.base --train {input.train:q} --out {output.model:q}"
-        " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_base --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.base",
+            "--train {input.train:q} --out {output.model:q} --metrics {output.metrics:q}"
+            " --checkpoint-dir {params.checkpoints:q}",
+            rule="agd_base",
+            processes=processes("agd", "base"),
+        )
 
 
 rule agd_trajectories:
@@ -58,16 +64,16 @@ rule agd_trajectories:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus(),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section("agd", "trajectories", sampler=AGD["sampler"]),
     shell:
-        "{params.py} -m repro.agd.trajectories --kind {wildcards.traj} --base {input.base:q}"
-        " --train {input.train:q} --out {output:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_trajectories --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.trajectories",
+            "--kind {wildcards.traj} --base {input.base:q} --train {input.train:q}"
+            " --out {output:q}",
+            rule="agd_trajectories",
+        )
 
 
 rule agd_distill:
@@ -87,18 +93,19 @@ rule agd_distill:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus("agd", "distill"),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=lambda wildcards: section("agd", "distill", seed=int(wildcards.seed)),
         checkpoints="checkpoints/agd_distill/{traj}_s{seed}",
     shell:
-        "{params.py} -m repro.agd.distill --base {input.base:q}"
-        " --trajectories {input.trajectories:q} --out {output.adapters:q}"
-        " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_distill --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.distill",
+            "--base {input.base:q} --trajectories {input.trajectories:q}"
+            " --out {output.adapters:q} --metrics {output.metrics:q}"
+            " --checkpoint-dir {params.checkpoints:q}",
+            rule="agd_distill",
+            processes=processes("agd", "distill"),
+        )
 
 
 rule agd_gd:
@@ -118,10 +125,8 @@ rule agd_gd:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus("agd", "gd"),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=lambda wildcards: section(
             "agd",
             "gd",
@@ -131,11 +136,13 @@ rule agd_gd:
         ),
         checkpoints="checkpoints/agd_gd/s{seed}",
     shell:
-        "{params.py} -m repro.agd.gd --base {input.base:q}"
-        " --train {input.train:q} --out {output.model:q}"
-        " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_gd --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.gd",
+            "--base {input.base:q} --train {input.train:q} --out {output.model:q}"
+            " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}",
+            rule="agd_gd",
+            processes=processes("agd", "gd"),
+        )
 
 
 rule agd_transfer:
@@ -156,10 +163,8 @@ rule agd_transfer:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus("agd", "transfer"),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section(
             "agd",
             "transfer",
@@ -168,11 +173,13 @@ rule agd_transfer:
         ),
         checkpoints="checkpoints/agd_transfer",
     shell:
-        "{params.py} -m repro.agd.transfer --base {input.base:q} --data {input.glyphs:q}"
-        " --out {output.model:q} --metrics {output.metrics:q}"
-        " --checkpoint-dir {params.checkpoints:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_transfer --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.transfer",
+            "--base {input.base:q} --data {input.glyphs:q} --out {output.model:q}"
+            " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}",
+            rule="agd_transfer",
+            processes=processes("agd", "transfer"),
+        )
 
 
 rule agd_eval:
@@ -191,41 +198,45 @@ rule agd_eval:
     resources:
         mem_mb=3000,
         runtime=60,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus(),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section(
             "agd",
             "eval",
             sampler=AGD["sampler"],
             vae=AGD["base"].get("vae"),
-            **({"inception_weights": INCEPTION_WEIGHTS} if USES_INCEPTION else {}),
+            **({"inception_weights": AGD_INCEPTION} if AGD_USES_INCEPTION else {}),
             **hub_options(
                 "agd.base.vae",
                 local_files_only=AGD["base"].get("local_files_only", True),
             ),
         ),
-        adapters=eval_option("--adapters", "adapters"),
-        gd=eval_option("--gd", "gd"),
-        train=eval_option("--train", "train"),
+        adapters=agd_eval_option("--adapters", "adapters"),
+        gd=agd_eval_option("--gd", "gd"),
+        train=agd_eval_option("--train", "train"),
         seeds=" ".join(str(s) for s in SEEDS),
     shell:
-        "{params.py} -m repro.agd.evaluate --method {wildcards.agd_method}"
-        " --checkpoint {input.checkpoint:q} --checkpoint-name {wildcards.agd_checkpoint}"
-        " {params.adapters} {params.gd} {params.train}"
-        " --reference {input.reference:q} --validation {input.validation:q}"
-        " --classifier {input.classifier:q}"
-        " --seeds {params.seeds} --out {output:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_eval --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.evaluate",
+            "--method {wildcards.agd_method} --checkpoint {input.checkpoint:q}"
+            " --checkpoint-name {wildcards.agd_checkpoint}"
+            " {params.adapters} {params.gd} {params.train}"
+            " --reference {input.reference:q} --validation {input.validation:q}"
+            " --classifier {input.classifier:q} --seeds {params.seeds} --out {output:q}",
+            rule="agd_eval",
+        )
 
 
 rule agd_table:
     input:
         agd_eval_tables(),
     output:
-        table="results/agd_fid.csv",
+        table=report(
+            "results/agd_fid.csv",
+            caption="../report/agd_fid.rst",
+            category=AGD_LABEL,
+            subcategory="Tables",
+        ),
         metrics="results/agd_metrics.json",
     log:
         "logs/agd/table.log",
@@ -237,11 +248,11 @@ rule agd_table:
     resources:
         mem_mb=500,
         runtime=5,
-    params:
-        py=PYTHON,
     shell:
-        "{params.py} -m repro.agd.table --out {output.table:q} --metrics {output.metrics:q}"
-        " {input:q} > {log:q} 2>&1"
+        stage(
+            "repro.agd.table",
+            "--out {output.table:q} --metrics {output.metrics:q} {input:q}",
+        )
 
 
 rule agd_throughput:
@@ -261,16 +272,15 @@ rule agd_throughput:
     resources:
         mem_mb=3000,
         runtime=30,
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus(),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section("agd", "throughput", sampler=AGD["sampler"]),
     shell:
-        "{params.py} -m repro.agd.throughput --base {input.base:q}"
-        " --adapters {input.adapters:q} --out {output:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_throughput --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.throughput",
+            "--base {input.base:q} --adapters {input.adapters:q} --out {output:q}",
+            rule="agd_throughput",
+        )
 
 
 rule agd_figures:
@@ -283,17 +293,20 @@ rule agd_figures:
         fid=report(
             "results/figures/agd_fid_vs_w.png",
             caption="../report/agd_fid_vs_w.rst",
-            category="AGD",
+            category=AGD_LABEL,
+            subcategory="Figures",
         ),
         samples=report(
             "results/figures/agd_samples.png",
             caption="../report/agd_samples.rst",
-            category="AGD",
+            category=AGD_LABEL,
+            subcategory="Figures",
         ),
         speed=report(
             "results/figures/agd_speed.png",
             caption="../report/agd_speed.rst",
-            category="AGD",
+            category=AGD_LABEL,
+            subcategory="Figures",
         ),
     log:
         "logs/agd/figures.log",
@@ -306,16 +319,16 @@ rule agd_figures:
         mem_mb=2000,
         runtime=10,
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section("agd", "figures", sampler=AGD["sampler"]),
     shell:
-        "{params.py} -m repro.agd.plots --table {input.table:q}"
-        " --throughput {input.throughput:q} --base {input.base:q}"
-        " --adapters {input.adapters:q} --fid-figure {output.fid:q}"
-        " --samples-figure {output.samples:q} --speed-figure {output.speed:q}"
-        " --params {params.cfg:q} --threads {threads} --rule agd_figures --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.agd.plots",
+            "--table {input.table:q} --throughput {input.throughput:q}"
+            " --base {input.base:q} --adapters {input.adapters:q}"
+            " --fid-figure {output.fid:q} --samples-figure {output.samples:q}"
+            " --speed-figure {output.speed:q}",
+            rule="agd_figures",
+        )
 
 
 rule agd_claims:
@@ -334,8 +347,8 @@ rule agd_claims:
     resources:
         mem_mb=500,
         runtime=5,
-    params:
-        py=PYTHON,
     shell:
-        "{params.py} -m repro.agd.claims --table {input.table:q}"
-        " --throughput {input.throughput:q} --out {output:q} > {log:q} 2>&1"
+        stage(
+            "repro.agd.claims",
+            "--table {input.table:q} --throughput {input.throughput:q} --out {output:q}",
+        )

@@ -1,4 +1,8 @@
-# Shared set-up: config validation, the Python that runs every stage, helpers.
+# Shared set-up, knowing no paper: config validation, the papers' registry, the
+# Python that runs every stage, the one shape of a stage's shell command, the GPU
+# request, config helpers, hub checkpoints. Each paper's own helpers live in its
+# rules/<paper>.smk; core and this file only iterate over what the papers register
+# (repro.core.papers).
 import json
 import os
 import shlex
@@ -6,6 +10,7 @@ import sys
 
 from repro.core.config import validate_config
 from repro.core.errors import ReproInputError
+from repro.core.papers import discover_papers, paper_claims, paper_targets
 
 # A bad config fails here, before any job runs, naming every offending key.
 try:
@@ -15,14 +20,79 @@ try:
 except ReproInputError as err:
     raise ValueError(str(err)) from None
 
+# The registered papers (a repro.<paper>.workflow module each), by name.
+PAPERS = {paper.name: paper for paper in discover_papers()}
+# Every paper's final files (rule all), and the claims CSVs merged into results/claims.csv.
+PAPER_TARGETS = paper_targets(config)
+PAPER_CLAIMS = paper_claims()
+
 SCALE = config["scale"]
 SEEDS = config["seeds"]
 THREADS = config["threads"]["default"]
 BASE_THREADS = config["threads"]["base"]
 
-# Every stage runs as `python -m repro.<paper>.<stage>` with the Python that runs
-# Snakemake (the package is installed in it: `make setup` or `pip install -e .`).
-PYTHON = shlex.quote(sys.executable)
+# Every stage runs as `python -m repro.<paper>.<stage>`: with the Python that runs
+# Snakemake (the package is installed in it: `make setup` or `pip install -e .`), or
+# under --software-deployment-method conda with the `python` of the rule's activated
+# env (envs/*.yaml install the package), so that the envs are really used.
+from snakemake.settings.types import DeploymentMethod
+
+PYTHON = (
+    "python"
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else shlex.quote(sys.executable)
+)
+
+
+def _literal(text):
+    """`text` inside a shell template that Snakemake formats: braces kept as they are."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def stage(module, args="", *, rule=None, processes=1):
+    """The shell command of a rule that runs `python -m <module> <args>`, logged to {log}.
+
+    `args` are the stage's own arguments, a Snakemake template ("--out {output:q}").
+    `rule` (the rule's own name; a stage built on repro.core.stage.Stage)
+    adds the arguments every such stage takes: --params {params.cfg:q} (so the
+    rule defines params.cfg) --threads {threads} --rule <rule> --scale <scale>.
+    (The name is spelled out, not Snakemake's {rule}: `snakemake --lint` flags
+    that; tests/test_workflow.py checks that each job passes its own.) With
+    processes > 1 the stage runs as that many processes on this node under
+    torch.distributed.run (one per GPU at paper scale: the rule asks gpus() of
+    the same config section). stdout and stderr go to the rule's log.
+    """
+    launcher = PYTHON
+    if processes > 1:
+        launcher += (
+            " -m torch.distributed.run --standalone"
+            f" --nproc_per_node {int(processes)}"
+        )
+    command = f"{_literal(launcher)} -m {module}"
+    if args:
+        command += f" {args}"
+    if rule:
+        command += (
+            " --params {params.cfg:q} --threads {threads}"
+            f" --rule {_literal(shlex.quote(rule))} --scale {_literal(shlex.quote(SCALE))}"
+        )
+    return f"{command} > {{log:q}} 2>&1"
+
+
+def processes(*keys):
+    """The processes of the training stage of config section `keys` (its `processes`, default 1)."""
+    node = config
+    for key in keys:
+        node = node[key]
+    return int(node.get("processes", 1))
+
+
+def gpus(*keys):
+    """A model rule's `gpu` resource: at paper scale one GPU per process of section
+    `keys` (one without keys), none at tiny and smoke scale. Slurm: --gpus."""
+    if SCALE != "paper":
+        return 0
+    return processes(*keys) if keys else 1
 
 
 def section(*keys, **extra):
@@ -45,89 +115,25 @@ def glyph_params(split):
 
 
 # ---- Hub checkpoints: fetched by rules/hub.smk on this host, read from the cache by jobs ----
-from repro.core.hub import hub_sources
+# The keys come from the papers' hub_keys and the foundation entries (repro.core.hub).
+from repro.core.hub import MANIFEST as HUB_MANIFEST
+from repro.core.hub import hub_sources, keys_on_hub
 
 HUB = config["hub"]
 HUB_SOURCES = hub_sources(config)
-HUB_MANIFEST = "models/hub/manifest.json"
+ON_HUB = keys_on_hub(config)
 
 
 def hub_input(*keys):
     """The manifest, as input of a job that loads the checkpoints of config `keys` (if on the hub)."""
-    return [HUB_MANIFEST] if any(s.key in keys for s in HUB_SOURCES) else []
+    return [HUB_MANIFEST] if ON_HUB.intersection(keys) else []
 
 
 def hub_options(*keys, **defaults):
     """`defaults`, plus from_pretrained's cache options when one of `keys` names a hub checkpoint."""
-    if not any(s.key in keys for s in HUB_SOURCES):
+    if not ON_HUB.intersection(keys):
         return defaults
     options = {**defaults, "cache_dir": HUB["cache_dir"]}
     if HUB["offline"]:
         options["local_files_only"] = True
     return options
-
-
-# ---- AGD: which files a job needs, chosen from the wildcards ----
-AGD = config["agd"]
-# FID with Inception-v3 features (paper scale) reads converted weights: the local
-# rule inception_weights fetches them unless agd.eval.inception_weights names a file.
-INCEPTION_WEIGHTS = (
-    AGD["eval"].get("inception_weights") or "models/hub/inception_v3_fid.safetensors"
-)
-USES_INCEPTION = AGD["eval"]["feature_net"] == "inception"
-AGD_FIGURES = [
-    "results/figures/agd_fid_vs_w.png",
-    "results/figures/agd_samples.png",
-    "results/figures/agd_speed.png",
-]
-
-
-def agd_eval_inputs(wildcards):
-    """The models one evaluation job needs, by checkpoint and method (all seeds)."""
-    heldout = "glyphs" if wildcards.agd_checkpoint == "derived" else "digits"
-    inputs = {
-        "classifier": "models/core/digit_classifier.safetensors",
-        # The derived checkpoint is fine-tuned on glyphs: its samples are scored
-        # against held-out glyphs, the base's against held-out real digits; the
-        # val split picks the guidance scale, the test split is reported.
-        "reference": f"data/{heldout}/test.safetensors",
-        "validation": f"data/{heldout}/val.safetensors",
-        "checkpoint": f"models/agd/{wildcards.agd_checkpoint}",
-    }
-    if USES_INCEPTION:
-        inputs["inception_weights"] = INCEPTION_WEIGHTS
-    method = wildcards.agd_method
-    if method == "agd":
-        inputs["adapters"] = [
-            f"models/agd/adapters/cfg_s{s}.safetensors" for s in SEEDS
-        ]
-    elif method == "agd_standard":
-        inputs["adapters"] = [
-            f"models/agd/adapters/standard_s{s}.safetensors" for s in SEEDS
-        ]
-    elif method == "gd":
-        inputs["gd"] = [f"models/agd/gd_s{s}" for s in SEEDS]
-    elif method == "real":
-        inputs["train"] = "data/digits/train.safetensors"
-    return inputs
-
-
-def agd_eval_tables(wildcards=None):
-    tables = ["results/agd/eval/base/real.csv"]
-    tables += [f"results/agd/eval/base/{m}.csv" for m in AGD["eval"]["methods"]]
-    tables += [
-        f"results/agd/eval/derived/{m}.csv" for m in AGD["eval"]["transfer_methods"]
-    ]
-    return tables
-
-
-def eval_option(flag, key):
-    """Turn an optional input (one path or one per seed) into quoted arguments."""
-
-    def option(wildcards, input):
-        if key not in input.keys():
-            return ""
-        paths = input[key] if isinstance(input[key], list) else [input[key]]
-        return " ".join([flag] + [shlex.quote(str(p)) for p in paths])
-
-    return option

@@ -22,14 +22,10 @@ rule digits:
         mem_mb=1000,
         runtime=10,
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section("data", "digits"),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     shell:
-        "{params.py} -m repro.core.data digits --out-dir {params.out_dir:q}"
-        " --params {params.cfg:q} --threads {threads} --rule digits --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage("repro.core.data", "digits --out-dir {params.out_dir:q}", rule="digits")
 
 
 rule glyphs:
@@ -46,13 +42,9 @@ rule glyphs:
         mem_mb=2000,
         runtime=10,
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=lambda wildcards: glyph_params(wildcards.glyph_split),
     shell:
-        "{params.py} -m repro.core.data glyphs --out {output:q}"
-        " --params {params.cfg:q} --threads {threads} --rule glyphs --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage("repro.core.data", "glyphs --out {output:q}", rule="glyphs")
 
 
 rule digit_classifier:
@@ -75,12 +67,12 @@ rule digit_classifier:
         mem_mb=2000,
         runtime=30,
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section("classifier"),
         data_dir=lambda wildcards, input: os.path.dirname(input.train),
     shell:
-        "{params.py} -m repro.core.classifier --data-dir {params.data_dir:q}"
-        " --out {output.model:q} --metrics {output.metrics:q}"
-        " --params {params.cfg:q} --threads {threads} --rule digit_classifier --scale {params.scale}"
-        " > {log:q} 2>&1"
+        stage(
+            "repro.core.classifier",
+            "--data-dir {params.data_dir:q} --out {output.model:q}"
+            " --metrics {output.metrics:q}",
+            rule="digit_classifier",
+        )

@@ -1,9 +1,10 @@
 # Hub checkpoints, for jobs on compute nodes that cannot reach the hub. The local
-# rule hub_fetch downloads every checkpoint the config names (repro.core.hub)
-# into hub.cache_dir, on the host that runs Snakemake and before any job needs
-# one; the jobs that load them take its manifest as input and read the cache
-# only (hub_input, hub_options in common.smk). At tiny and smoke scale the config
-# names none: hub_fetch is not in the DAG.
+# rule hub_fetch downloads every checkpoint the config names (repro.core.hub: the
+# papers' hub keys and the foundation models) into hub.cache_dir, on the host
+# that runs Snakemake and before any job needs one; the jobs that load them take
+# its manifest as input and read the cache only (hub_input, hub_options in
+# common.smk; foundation_input, foundation_params in foundation.smk). At tiny and
+# smoke scale the config names none: hub_fetch is not in the DAG.
 
 
 rule hub_fetch:
@@ -21,7 +22,6 @@ rule hub_fetch:
         mem_mb=2000,
         runtime=240,
     params:
-        py=PYTHON,
         cfg=json.dumps(
             {
                 "cache_dir": HUB["cache_dir"],
@@ -30,11 +30,14 @@ rule hub_fetch:
             sort_keys=True,
         ),
     shell:
-        "{params.py} -m repro.core.hub fetch --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+        stage("repro.core.hub", "fetch --params {params.cfg:q} --out {output:q}")
 
 
-# The FID Inception-v3 weights (paper scale, agd.eval.feature_net: inception):
-# downloaded here, converted to safetensors; agd_eval reads that file only.
+# The FID Inception-v3 weights (repro.core.inception; AGD's FID at paper scale):
+# downloaded here, converted to safetensors; the jobs read that file only.
+INCEPTION_WEIGHTS = "models/hub/inception_v3_fid.safetensors"
+
+
 rule inception_weights:
     output:
         INCEPTION_WEIGHTS,
@@ -49,7 +52,5 @@ rule inception_weights:
     resources:
         mem_mb=2000,
         runtime=30,
-    params:
-        py=PYTHON,
     shell:
-        "{params.py} -m repro.core.inception fetch --out {output:q} > {log:q} 2>&1"
+        stage("repro.core.inception", "fetch --out {output:q}")

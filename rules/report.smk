@@ -1,9 +1,10 @@
-# The claims table of every paper, computed from the measured tables.
+# The claims table of every paper that has claims (its PaperSpec.claims, written by
+# its own claims rule), computed from the measured tables.
 
 
 rule claims:
     input:
-        "results/claims/agd.csv",
+        PAPER_CLAIMS,
     output:
         report(
             "results/claims.csv",
@@ -20,7 +21,5 @@ rule claims:
     resources:
         mem_mb=500,
         runtime=5,
-    params:
-        py=PYTHON,
     shell:
-        "{params.py} -m repro.core.results merge --out {output:q} {input:q} > {log:q} 2>&1"
+        stage("repro.core.results", "merge --out {output:q} {input:q}")

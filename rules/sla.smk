@@ -1,13 +1,21 @@
 # SLA: Beyond Sparsity in Diffusion Transformers via Fine-Tunable Sparse-Linear
 # Attention. The fused kernels live in repro.kernels (Triton on CUDA, a blockwise
 # PyTorch path on CPU); the attention module and diffusers processors in repro.sla.
+# Registered in repro.sla.workflow (config checks, targets); config section `sla`,
+# schema schemas/sla.schema.yaml.
 
 SLA = config["sla"]
+SLA_LABEL = PAPERS["sla"].label  # the report's category
 
 
 rule sla_kernel_bench:
     output:
-        "results/sla_kernel.csv",
+        report(
+            "results/sla_kernel.csv",
+            caption="../report/sla_kernel.rst",
+            category=SLA_LABEL,
+            subcategory="Tables",
+        ),
     log:
         "logs/sla/kernel_bench.log",
     benchmark:
@@ -20,11 +28,8 @@ rule sla_kernel_bench:
         mem_mb=16000,
         runtime=60,
         # Without a GPU the benchmark writes rows marked skipped (with the reason).
-        gpu=lambda wildcards: 1 if SCALE == "paper" else 0,
+        gpu=gpus(),
     params:
-        py=PYTHON,
-        scale=SCALE,
         cfg=section("sla", "kernel_bench"),
     shell:
-        "{params.py} -m repro.sla.kernel_bench --out {output:q} --params {params.cfg:q}"
-        " --threads {threads} --rule sla_kernel_bench --scale {params.scale} > {log:q} 2>&1"
+        stage("repro.sla.kernel_bench", "--out {output:q}", rule="sla_kernel_bench")

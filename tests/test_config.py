@@ -67,6 +67,19 @@ BAD = [
     ),
     ("sla.kernel_bench.forms", [{"linear": "hedgehog", "k_l": 0.0}], ["forms", "hedgehog"]),
     ("sla", DELETE, ["(top level)", "'sla' is a required property"]),
+    # A section that no paper registers is refused (the paper parts are composed in).
+    ("probex", {"steps": 1}, ["(top level)", "'probex' was unexpected"]),
+    ("agd.distill.processes", 0, ["agd.distill.processes", "minimum"]),
+    ("agd.base.processes", 1.5, ["agd.base.processes", "not of type 'integer'"]),
+    ("foundation", DELETE, ["(top level)", "'foundation' is a required property"]),
+    ("foundation.t2i", {"subfolder": "unet"}, ["foundation.t2i", "'pretrained' is a required"]),
+    (
+        "foundation.t2i",
+        {"pretrained": None, "revison": "main"},
+        ["foundation.t2i", "'revison' was unexpected"],
+    ),
+    ("foundation.T2I", {"pretrained": None}, ["foundation", "'T2I' does not match"]),
+    ("foundation.t2i", {"pretrained": ""}, ["foundation.t2i.pretrained", "non-empty"]),
 ]
 
 
@@ -125,35 +138,43 @@ def test_snakemake_lint_is_clean(tmp_path):
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
-def test_paper_plan_asks_for_a_gpu_in_every_gpu_rule(tmp_path):
-    """A dry run at paper scale: the model rules declare gpu=1."""
-    proc = snakemake(
-        tmp_path,
-        "-n",
-        "--cores",
-        "8",
-        "results/agd_fid.csv",
-        "--configfile",
-        str(ROOT / "configs/paper.yaml"),
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    jobs = out.split("\nrule ")[1:]
-    gpu_rules = {
-        "agd_base",
-        "agd_trajectories",
-        "agd_distill",
-        "agd_gd",
-        "agd_transfer",
-        "agd_eval",
+def test_foundation_entries_are_accepted():
+    cfg = tiny()
+    cfg["foundation"] = {
+        "t2i": {"pretrained": None},
+        "clip": {"pretrained": "openai/clip-vit-base-patch16", "subfolder": None},
+        "wan": {"pretrained": "/models/wan", "subfolder": "transformer"},
     }
-    seen = set()
-    for job in jobs:
-        name = job.split(":", 1)[0].strip()
-        if name in gpu_rules:
-            seen.add(name)
-            assert "gpu=1" in job, f"{name} does not ask for a GPU:\n{job}"
-    assert seen == gpu_rules
+    assert validate_config(cfg) is None  # raises ReproInputError on any problem
+
+
+# The three glyph splits whose seeds must differ, and the key the message names.
+GLYPH_PAIRS = [
+    ("seed", "val.seed", "data.glyphs.val.seed"),
+    ("seed", "test.seed", "data.glyphs.test.seed"),
+    ("val.seed", "test.seed", "data.glyphs.test.seed"),
+]
+
+
+def glyph_seeds(cfg, seeds):
+    for key, value in seeds.items():
+        set_key(cfg, f"data.glyphs.{key}", value)
+    return cfg
+
+
+@pytest.mark.parametrize("a,b,key", GLYPH_PAIRS, ids=[f"{a}={b}" for a, b, _ in GLYPH_PAIRS])
+def test_glyph_heldout_seeds_must_differ_from_each_other(a, b, key):
+    """Just inside (two splits share a seed) is refused naming the key; just outside
+    (the same seeds, one apart) is accepted: the check can be neither lost nor loosened."""
+    (third,) = {"seed", "val.seed", "test.seed"} - {a, b}
+    equal = glyph_seeds(tiny(), {a: 5, b: 5, third: 9})
+    with pytest.raises(ReproInputError) as err:
+        validate_config(equal)
+    message = str(err.value)
+    assert key in message and f"data.glyphs.{a}" in message, message
+    assert "must differ" in message
+    validate_config(glyph_seeds(tiny(), {a: 5, b: 6, third: 9}))
+    validate_config(glyph_seeds(tiny(), {a: 6, b: 5, third: 9}))
 
 
 def test_learned_variance_needs_ddpm():

@@ -120,6 +120,41 @@ def test_paper_scale_sources_are_a_function_of_the_config(tmp_path):
     assert hub.hub_sources(cfg) == []
 
 
+def test_sources_come_from_the_foundation_entries_then_the_papers_hub_keys(tmp_path):
+    cfg = merge(
+        paper_config(transfer={"pretrained": "facebook/DiT-XL-2-256"}),
+        {
+            "foundation": {
+                "t2i": {"pretrained": "org/tiny-t2i", "subfolder": "unet"},
+                "clip": {"pretrained": None},  # built by the pipeline: nothing to fetch
+                "wan": {"pretrained": str(tmp_path)},  # a local directory: nothing to fetch
+            }
+        },
+    )
+    keys = hub.hub_keys(cfg)
+    assert keys[:3] == [
+        ("foundation.t2i.pretrained", "foundation.t2i.subfolder"),
+        ("foundation.clip.pretrained", "foundation.clip.subfolder"),
+        ("foundation.wan.pretrained", "foundation.wan.subfolder"),
+    ]
+    # Each registered paper's keys follow (AGD's among them), never listed in core.
+    assert ("agd.base.vae", None) in keys[3:]
+    sources = hub.hub_sources(cfg)
+    assert [(s.key, s.repo_id, s.subfolder) for s in sources][:2] == [
+        ("foundation.t2i.pretrained", "org/tiny-t2i", "unet"),
+        ("agd.base.pretrained", "facebook/DiT-XL-2-256", "transformer"),
+    ]
+    # The derived checkpoint is the base's: fetched once, yet its key is on the hub,
+    # so the job that loads it still waits for the manifest and reads the cache.
+    assert "agd.transfer.pretrained" not in {s.key for s in sources}
+    assert hub.keys_on_hub(cfg) == {
+        "foundation.t2i.pretrained",
+        "agd.base.pretrained",
+        "agd.base.vae",
+        "agd.transfer.pretrained",
+    }
+
+
 @pytest.mark.parametrize(
     "value,expected",
     [
@@ -290,6 +325,25 @@ def test_paper_plan_fetches_first_and_loads_from_the_cache(tmp_path):
     # Jobs that load only local files do not wait for the fetch.
     for rule in ("agd_trajectories", "agd_distill", "agd_gd", "agd_transfer", "digits"):
         assert all(manifest not in job and "cache_dir" not in job for job in jobs[rule]), rule
+
+
+def test_a_checkpoint_named_twice_is_fetched_once_and_read_from_the_cache_by_both(tmp_path):
+    overlay = tmp_path / "same.yaml"
+    overlay.write_text('agd: {transfer: {pretrained: "facebook/DiT-XL-2-256"}}\n')
+    plan = dry_run(
+        tmp_path,
+        "results/agd_fid.csv",
+        "--configfile",
+        str(ROOT / "configs/paper.yaml"),
+        str(overlay),
+    )
+    jobs = jobs_by_rule(plan)
+    (fetch,) = jobs["hub_fetch"]
+    assert fetch.count("facebook/DiT-XL-2-256") == 1
+    (transfer,) = jobs["agd_transfer"]
+    inputs = next(line for line in transfer.splitlines() if "input:" in line)
+    assert "models/hub/manifest.json" in inputs
+    assert '"cache_dir": "models/hub/cache"' in transfer
 
 
 def test_smoke_plan_fetches_nothing(tmp_path):

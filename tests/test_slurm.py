@@ -24,32 +24,16 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from snakemake_executor_plugin_slurm.utils import set_gres_string
+from workflow_facts import CPU_RULES, GPU_RULES, expected_gpus
+
+from repro.core.config import load_yaml, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"
 PROFILES = ["--profile", str(ROOT / "profiles/slurm"), "--profile", str(ROOT / "profiles/slurm-ci")]
 TABLE = "results/agd_fid.csv"
 SMOKE = ["--configfile", str(ROOT / "configs/smoke.yaml")]
-# The rules that run a model at paper scale ask for a GPU there; the CPU rules never do.
-GPU_RULES = {
-    "agd_base",
-    "agd_trajectories",
-    "agd_distill",
-    "agd_gd",
-    "agd_transfer",
-    "agd_eval",
-    "agd_throughput",
-}
-CPU_RULES = {
-    "hub_fetch",
-    "digits",
-    "glyphs",
-    "digit_classifier",
-    "agd_table",
-    "agd_figures",
-    "agd_claims",
-    "claims",
-}
+# The rules that run a model ask for GPUs at paper scale (one per process); the CPU rules never do.
 # Timings: the only columns of the table that may differ between two runs.
 TIMING_COLUMNS = ["images_per_s"]
 
@@ -95,12 +79,15 @@ def dry_run(workdir, config, env=None):
 def test_paper_plan_asks_for_a_gpu_in_every_gpu_rule_and_nowhere_else(tmp_path):
     env = {**os.environ, "SBATCH_PARTITION": "gpu-test", "SBATCH_ACCOUNT": "proj-test"}
     plan = dry_run(tmp_path, "configs/paper.yaml", env)
+    config = merge(load_yaml(ROOT / "config.yaml"), load_yaml(ROOT / "configs/paper.yaml"))
     jobs = plan_jobs(plan)
-    assert {rule for rule, _ in jobs} >= GPU_RULES | CPU_RULES
+    assert {rule for rule, _ in jobs} >= set(GPU_RULES) | CPU_RULES
+    # The multi-GPU training rules (processes > 1 in configs/paper.yaml) ask for them all.
+    assert max(expected_gpus(rule, config) for rule in GPU_RULES) > 1
     for rule, resources in jobs:
         gpus = int(resources.get("gpu", 0))
         if rule in GPU_RULES:
-            assert gpus == 1, (rule, resources)
+            assert gpus == expected_gpus(rule, config) >= 1, (rule, resources)
         if rule in CPU_RULES:
             assert gpus == 0, (rule, resources)
         # What sbatch gets from these resources, computed by the installed plugin.
@@ -115,7 +102,7 @@ def test_paper_plan_asks_for_a_gpu_in_every_gpu_rule_and_nowhere_else(tmp_path):
 
 def test_smoke_plan_asks_for_no_gpu(tmp_path):
     jobs = plan_jobs(dry_run(tmp_path, "configs/smoke.yaml"))
-    assert {rule for rule, _ in jobs} >= GPU_RULES - {"agd_throughput"}
+    assert {rule for rule, _ in jobs} >= set(GPU_RULES)
     assert all(int(resources.get("gpu", 0)) == 0 for _, resources in jobs), jobs
 
 

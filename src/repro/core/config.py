@@ -1,8 +1,11 @@
 """Validation of the merged workflow config, before any job runs.
 
-The JSON schema (schemas/config.schema.yaml) checks keys, types, ranges and
-allowed names; `cross_checks` adds what a schema cannot say (one value against
-another). Every message starts with the dotted key it is about.
+The JSON schema checks keys, types, ranges and allowed names: the shared part
+(schemas/config.schema.yaml) composed with each registered paper's part
+(schemas/<paper>.schema.yaml, see repro.core.papers). `cross_checks` adds what a
+schema cannot say (one value against another): the shared sections' checks
+here, each paper's in its repro.<paper>.workflow. Every message starts with the
+dotted key it is about.
 
     python -m repro.core.config config.yaml configs/smoke.yaml   # merge, validate, report
 """
@@ -11,13 +14,14 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 from jsonschema import Draft202012Validator
 
 from repro.core.errors import ReproInputError
+from repro.core.papers import PaperSpec, discover_papers
 
 SCHEMA = Path(__file__).resolve().parents[3] / "schemas" / "config.schema.yaml"
 
@@ -46,9 +50,45 @@ def merge(base: Mapping, overlay: Mapping) -> dict:
     return out
 
 
-def schema_errors(config: Mapping, schema_path: str | Path = SCHEMA) -> list[str]:
+def load_schema(
+    schema_path: str | Path = SCHEMA, papers: Sequence[PaperSpec] | None = None
+) -> dict:
+    """The shared schema at `schema_path` composed with every paper's part.
+
+    Each paper's part (`PaperSpec.schema`, a file beside the shared one) becomes
+    properties[paper.name], required; its $defs join the shared $defs, so either
+    may be referenced as "#/$defs/<name>". The top level keeps
+    additionalProperties: false, so a section no paper registers is refused.
+    """
+    schema_path = Path(schema_path)
     schema = load_yaml(schema_path)
-    validator = Draft202012Validator(schema)
+    papers = discover_papers() if papers is None else papers
+    defs = schema.setdefault("$defs", {})
+    properties = schema.setdefault("properties", {})
+    required = schema.setdefault("required", [])
+    for paper in papers:
+        part_path = schema_path.parent / paper.schema
+        part = load_yaml(part_path)
+        part.pop("$schema", None)
+        for name, definition in part.pop("$defs", {}).items():
+            if name in defs:
+                raise ReproInputError(
+                    f"{part_path}: $defs.{name} is already defined (shared part or another paper)"
+                )
+            defs[name] = definition
+        if paper.name in properties:
+            raise ReproInputError(
+                f"{part_path}: config section {paper.name!r} is already in the shared schema"
+            )
+        properties[paper.name] = part
+        required.append(paper.name)
+    return schema
+
+
+def schema_errors(
+    config: Mapping, schema_path: str | Path = SCHEMA, papers: Sequence[PaperSpec] | None = None
+) -> list[str]:
+    validator = Draft202012Validator(load_schema(schema_path, papers))
     messages = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -62,82 +102,47 @@ def schema_errors(config: Mapping, schema_path: str | Path = SCHEMA) -> list[str
     return messages
 
 
-def cross_checks(cfg: Mapping) -> list[str]:
-    """Checks between values; assumes the schema passed."""
+# The glyph splits whose seeds must differ: held-out glyphs must not repeat the training ones.
+GLYPH_SEEDS = (("seed", "val.seed"), ("seed", "test.seed"), ("val.seed", "test.seed"))
+
+
+def shared_checks(cfg: Mapping) -> list[str]:
+    """Checks between values of the shared sections; assumes the schema passed."""
     errors = []
-    agd = cfg["agd"]
-    traj = agd["trajectories"]
-    if traj["w_min"] > traj["w_max"]:
-        errors.append(
-            f"agd.trajectories.w_min: {traj['w_min']} is above w_max {traj['w_max']} "
-            "(the guidance range is [w_min, w_max])"
-        )
-    else:
-        for w in agd["eval"]["guidance_scales"]:
-            if not traj["w_min"] <= w <= traj["w_max"]:
-                errors.append(
-                    f"agd.eval.guidance_scales: {w} lies outside the trained range "
-                    f"agd.trajectories [w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
-                )
-    sampler = agd["sampler"]
-    if sampler["kind"] == "ddim" and sampler.get("variance_type", "fixed_small") != "fixed_small":
-        errors.append(
-            f"agd.sampler.variance_type: {sampler['variance_type']!r} needs kind 'ddpm' "
-            "(DDIM has no variance to learn)"
-        )
-    model = agd["base"]["model"]
-    if model["sample_size"] % model["patch_size"]:
-        errors.append(
-            f"agd.base.model.patch_size: {model['patch_size']} does not divide "
-            f"sample_size {model['sample_size']}"
-        )
-    n_classes = model["num_embeds_ada_norm"]
-    for c in agd["figures"]["grid_classes"]:
-        if c >= n_classes:
-            errors.append(
-                f"agd.figures.grid_classes: class {c} does not exist "
-                f"(agd.base.model.num_embeds_ada_norm = {n_classes})"
-            )
-    w = agd["figures"]["grid_guidance_scale"]
-    if not traj["w_min"] <= w <= traj["w_max"]:
-        errors.append(
-            f"agd.figures.grid_guidance_scale: {w} lies outside agd.trajectories "
-            f"[w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
-        )
-    bench = cfg["sla"]["kernel_bench"]
-    splits = [("k_l", s, bench["k_l"]) for s in [bench["sparsity"], *bench["sparsities"]]]
-    splits += [
-        (f"forms[{i}].k_l", bench["sparsity"], form["k_l"])
-        for i, form in enumerate(bench.get("forms", []))
-    ]
-    for key, s, k_l in splits:
-        if (1.0 - s) + k_l > 1.0 + 1e-9:
-            errors.append(
-                f"sla.kernel_bench: sparsity {s} leaves {1 - s:.3g} of the blocks critical, "
-                f"which with {key} = {k_l} negligible exceeds all of them"
-            )
     glyphs = cfg["data"]["glyphs"]
     seeds = {
         "seed": glyphs["seed"],
         "val.seed": glyphs["val"]["seed"],
         "test.seed": glyphs["test"]["seed"],
     }
-    if len(set(seeds.values())) < 3:
-        errors.append(
-            f"data.glyphs: the seeds of train, val and test must differ (got {seeds}); "
-            "held-out glyphs must not repeat the fine-tuning ones"
-        )
+    for a, b in GLYPH_SEEDS:
+        if seeds[a] == seeds[b]:
+            errors.append(
+                f"data.glyphs.{b}: {seeds[b]} equals data.glyphs.{a}; the seeds of train, "
+                "val and test must differ (held-out glyphs must not repeat the fine-tuning ones)"
+            )
     data = cfg["data"]["digits"]
     if data["val_fraction"] + data["test_fraction"] >= 0.8:
         errors.append("data.digits: val_fraction + test_fraction leaves under 20% to train on")
     return errors
 
 
-def validate_config(config: Mapping, schema_path: str | Path = SCHEMA) -> None:
+def cross_checks(cfg: Mapping, papers: Sequence[PaperSpec] | None = None) -> list[str]:
+    """Checks between values: the shared ones, then each paper's; assumes the schema passed."""
+    papers = discover_papers() if papers is None else papers
+    errors = shared_checks(cfg)
+    for paper in papers:
+        errors += paper.checks(cfg)
+    return errors
+
+
+def validate_config(
+    config: Mapping, schema_path: str | Path = SCHEMA, papers: Sequence[PaperSpec] | None = None
+) -> None:
     """Raise ReproInputError listing every problem, each naming its key."""
-    errors = schema_errors(config, schema_path)
+    errors = schema_errors(config, schema_path, papers)
     if not errors:
-        errors = cross_checks(config)
+        errors = cross_checks(config, papers)
     if errors:
         raise ReproInputError("invalid config:\n  " + "\n  ".join(errors))
 

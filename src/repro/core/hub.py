@@ -17,8 +17,10 @@ checkpoint at paper scale takes two steps:
     python -m repro.core.hub list config.yaml configs/paper.yaml   # what the config would fetch
 
 Which config values are hub checkpoints is a function of the config
-(`hub_sources`), over the keys in HUB_KEYS: a paper that loads another
-checkpoint adds its keys there. A value that names a local path (absolute,
+(`hub_sources`), over the keys of `hub_keys(config)`: every entry of the
+`foundation` section (foundation.<name>.pretrained, its subfolder), then the
+`hub_keys` each paper registers (repro.core.papers): a paper that loads another
+checkpoint adds its key to its own spec. A value that names a local path (absolute,
 starting with "." or "~", or an existing directory) is loaded from there and
 not fetched. At tiny and smoke scale no key names a hub checkpoint, so nothing
 is fetched. Only JSON configs and safetensors weights are fetched: no pickle.
@@ -36,15 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from repro.core.errors import ReproInputError
+from repro.core.papers import discover_papers
 
 log = logging.getLogger(__name__)
 
-# (config key naming a checkpoint, config key of its subfolder or None), per paper.
-HUB_KEYS: tuple[tuple[str, str | None], ...] = (
-    ("agd.base.pretrained", "agd.base.subfolder"),
-    ("agd.base.vae", None),
-    ("agd.transfer.pretrained", "agd.transfer.subfolder"),
-)
+# The manifest hub_fetch writes (rules/hub.smk); jobs that load from the cache take it as input.
+MANIFEST = "models/hub/manifest.json"
 
 # What from_pretrained reads of a diffusers / transformers checkpoint: its configs
 # and safetensors weights (a repository's pickled .bin copies are never fetched).
@@ -94,8 +93,33 @@ def is_hub_id(value) -> bool:
     return True
 
 
-def hub_sources(config: Mapping, keys: Sequence[tuple[str, str | None]] = HUB_KEYS) -> list:
-    """The hub checkpoints `config` names, in `keys` order, each (id, subfolder) once."""
+def hub_keys(config: Mapping) -> list[tuple[str, str | None]]:
+    """(config key naming a checkpoint, config key of its subfolder or None), in order:
+    the foundation models (config section `foundation`), then each paper's hub_keys."""
+    keys = [
+        (f"foundation.{name}.pretrained", f"foundation.{name}.subfolder")
+        for name in (config.get("foundation") or {})
+    ]
+    for paper in discover_papers():
+        keys += paper.hub_keys
+    return keys
+
+
+def keys_on_hub(config: Mapping, keys: Sequence[tuple[str, str | None]] | None = None) -> set[str]:
+    """The config keys whose value is a hub id: every one, also those whose checkpoint
+    hub_sources lists once under another key (a job loading it still reads the cache)."""
+    if keys is None:
+        keys = hub_keys(config)
+    return {key for key, _ in keys if is_hub_id(_lookup(config, key))}
+
+
+def hub_sources(
+    config: Mapping, keys: Sequence[tuple[str, str | None]] | None = None
+) -> list[HubSource]:
+    """The hub checkpoints `config` names, in `keys` order (default: hub_keys(config)),
+    each (id, subfolder) once."""
+    if keys is None:
+        keys = hub_keys(config)
     sources, seen = [], set()
     for key, subfolder_key in keys:
         value = _lookup(config, key)
@@ -213,16 +237,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     list_parser = commands.add_parser("list", help="the hub checkpoints a config names")
     list_parser.add_argument("configs", nargs="+", help="config.yaml, then overlays")
     args = parser.parse_args(argv)
+    # The log goes to stderr: `list` prints its answer on stdout.
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        {"fetch": _fetch_command, "list": _list_command}[args.command](args)
-    except ReproInputError as err:
-        raise SystemExit(f"error: {err}") from None
+    from repro.core.cli import log_command
+
+    log_command(parser, argv)
+    {"fetch": _fetch_command, "list": _list_command}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    from repro.core.stage import run
+
+    run(main)  # bad input: one line on stderr, exit status 2

@@ -1,0 +1,121 @@
+"""Where a foundation model comes from, and the one loader every paper uses.
+
+    foundation:
+      t2i:
+        pretrained: null                          # tiny / smoke: built into models/foundation/t2i
+      # pretrained: stabilityai/stable-diffusion-2-1   # paper: a hub id (fetched by hub_fetch)
+      # pretrained: /shared/models/sd21                # or a local directory
+
+The rule side (rules/foundation.smk wraps these): `model_input(config, name)` is
+what a job needing the model waits for, `model_params(config, name)` what it
+passes the stage in --params. The stage side: `load_foundation(cls, params,
+component)` loads it, whatever its source; `save_foundation(model, name, out)`
+is how a build rule writes it. Importing this module imports no torch (Snakemake
+imports it at parse time); the model I/O is imported when a model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from repro.core.errors import ReproInputError
+from repro.core.hub import MANIFEST, is_hub_id, loader_options
+
+FOUNDATION_DIR = "models/foundation"
+
+
+def built_dir(name: str) -> str:
+    """The directory a rule of rules/foundation.smk builds model `name` into."""
+    return f"{FOUNDATION_DIR}/{name}"
+
+
+def kind(name: str) -> str:
+    """The kind tag (repro.core.modelio) of a foundation model built by this pipeline."""
+    return f"foundation.{name}"
+
+
+def entry(config: Mapping, name: str) -> Mapping:
+    """config["foundation"][name], or an error naming the missing key."""
+    models = config.get("foundation") or {}
+    if name not in models:
+        raise ReproInputError(
+            f"foundation.{name}: no such foundation model in the config "
+            f"(configured: {sorted(models) or 'none'})"
+        )
+    return models[name]
+
+
+def is_built(config: Mapping, name: str) -> bool:
+    """True when the pipeline builds model `name` (pretrained: null)."""
+    return entry(config, name).get("pretrained") is None
+
+
+def model_input(config: Mapping, name: str, manifest: str = MANIFEST) -> list[str]:
+    """The input of a job that loads model `name`: the built directory (pretrained: null),
+    the hub manifest (a hub id: hub_fetch has filled the cache), or the local directory."""
+    pretrained = entry(config, name).get("pretrained")
+    if pretrained is None:
+        return [built_dir(name)]
+    if is_hub_id(pretrained):
+        return [manifest]
+    return [str(pretrained)]
+
+
+def model_params(config: Mapping, name: str) -> dict:
+    """What a stage needs to load model `name` (JSON, for --params): its name,
+    `pretrained` (the built directory, a hub id or a local directory), `subfolder`,
+    and the hub cache options for a hub id (cache_dir; local_files_only when
+    hub.offline, as for every hub checkpoint)."""
+    model = entry(config, name)
+    pretrained = model.get("pretrained")
+    params = {"name": name, "subfolder": model.get("subfolder")}
+    if pretrained is None:
+        return {
+            **params,
+            "pretrained": built_dir(name),
+            "subfolder": None,
+            "local_files_only": True,
+        }
+    params["pretrained"] = str(pretrained)
+    if not is_hub_id(pretrained):
+        return {**params, "local_files_only": True}
+    hub = config.get("hub") or {}
+    if hub.get("cache_dir"):
+        params["cache_dir"] = hub["cache_dir"]
+    params["local_files_only"] = bool(hub.get("offline", True))
+    return params
+
+
+def save_foundation(model, name: str, out_dir: str | os.PathLike | None = None) -> None:
+    """Write a built model (anything with save_pretrained: a model or a pipeline) into
+    `out_dir` (default built_dir(name)), atomically, tagged foundation.<name>."""
+    from repro.core.modelio import save_model
+
+    save_model(model, built_dir(name) if out_dir is None else out_dir, kind(name))
+
+
+def load_foundation(cls, params: Mapping, component: str | None = None):
+    """`cls` loaded from a foundation model: the stage side of model_params.
+
+    `params` is model_params' dict; `component` a subfolder inside the model (a
+    pipeline's "unet", "text_encoder", ...), joined to the entry's own subfolder.
+    The same from_pretrained call serves the built directory, a local directory
+    and a hub checkpoint in the cache. A directory built for another model is
+    refused, and every error names foundation.<name>. Float32, eval mode.
+    """
+    from repro.core.modelio import from_pretrained, model_kind
+
+    name = params.get("name") or "?"
+    source = params.get("pretrained")
+    if not source:
+        raise ReproInputError(f"foundation.{name}: params hold no 'pretrained' source")
+    subfolder = "/".join(p.strip("/") for p in (params.get("subfolder"), component) if p) or None
+    where = f"foundation.{name}: {source}" + (f" (subfolder {subfolder})" if subfolder else "")
+    if Path(source).is_dir():
+        found = model_kind(source)
+        if found is not None and found != kind(name):
+            raise ReproInputError(f"{where}: holds a {found!r} model, expected {kind(name)!r}")
+    options = {**loader_options(params), "subfolder": subfolder}
+    return from_pretrained(cls, str(source), where, **options)

@@ -1,0 +1,44 @@
+"""Facts about the workflow that several test modules check, written down once.
+
+GPU_RULES: the rules that run a model, each with the config section whose
+`processes` (default 1) is the number of GPUs it asks for at paper scale (None:
+one GPU). At tiny and smoke scale no rule asks for a GPU. CPU_RULES never ask.
+"""
+
+from collections.abc import Mapping
+
+GPU_RULES: dict[str, tuple[str, ...] | None] = {
+    "agd_base": ("agd", "base"),
+    "agd_trajectories": None,
+    "agd_distill": ("agd", "distill"),
+    "agd_gd": ("agd", "gd"),
+    "agd_transfer": ("agd", "transfer"),
+    "agd_eval": None,
+    "agd_throughput": None,
+    "sla_kernel_bench": None,
+}
+CPU_RULES = frozenset(
+    {
+        "hub_fetch",
+        "digits",
+        "glyphs",
+        "digit_classifier",
+        "agd_table",
+        "agd_figures",
+        "agd_claims",
+        "claims",
+    }
+)
+
+
+def expected_gpus(rule: str, config: Mapping) -> int:
+    """The GPUs `rule` asks for under the merged `config` (0 for a CPU rule)."""
+    if rule not in GPU_RULES or config["scale"] != "paper":
+        return 0
+    section = GPU_RULES[rule]
+    if section is None:
+        return 1
+    node = config
+    for key in section:
+        node = node[key]
+    return int(node.get("processes", 1))
