@@ -1,12 +1,15 @@
 # make reproduce   build .venv from nothing, run every paper, write the report
 # make test        build .venv if needed, run the test suite (what CI runs)
+# make smoke       the whole DAG at smoke scale (seconds per rule)
+# make clean       remove every output, keeping the hub downloads and conda envs
+# make clean-hub   remove the hub downloads too (paper-scale checkpoints: hours to fetch again)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: setup reproduce test lint format smoke clean
+.PHONY: setup reproduce test lint format smoke clean clean-hub
 
 setup: $(VENV)/.installed
 
@@ -26,7 +29,7 @@ reproduce: setup
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 
 smoke: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile configs/smoke.yaml
+	$(BIN)/snakemake --cores $(CORES) --profile profiles/smoke
 
 test: setup
 	$(BIN)/python -m pytest
@@ -42,5 +45,19 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/snakefmt Snakefile rules
 
+# $(call prune,DIR,NAMES): remove everything in DIR except the entries NAMES (DIR may be absent).
+prune = [ ! -d $(1) ] || find $(1) -mindepth 1 -maxdepth 1 $(foreach n,$(2),! -name $(n)) -exec rm -rf {} +
+
+# Kept: the hub downloads (hub.cache_dir's default models/hub/cache and the FID
+# Inception weights; a cache_dir outside models/ is never touched), Snakemake's
+# conda envs and container images (.snakemake/conda, .snakemake/singularity; see
+# `snakemake --conda-cleanup-envs`) and the tracked results/README.md.
 clean:
-	rm -rf .snakemake data models checkpoints logs benchmarks/rules results mlflow.db mlflow.db.lock mlartifacts
+	rm -rf data checkpoints logs benchmarks/rules mlflow.db mlflow.db.lock mlartifacts
+	$(call prune,results,README.md)
+	$(call prune,.snakemake,conda singularity)
+	$(call prune,models,hub)
+	$(call prune,models/hub,cache inception_v3_fid.safetensors)
+
+clean-hub:
+	rm -rf models/hub

@@ -11,8 +11,10 @@ from repro.core.errors import ReproInputError
 from repro.core.results import (
     CLAIM_COLUMNS,
     Claim,
+    Spread,
     compare,
     format_mean_std,
+    interval_verdict,
     mean_std,
     merge_claims,
     read_table,
@@ -149,3 +151,60 @@ def test_claims_csv_columns_and_merge(tmp_path):
     with pytest.raises(ReproInputError, match=r"bad\.csv.*missing columns"):
         merge_claims([a, bad], tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+# The threshold 1.9 (AGD's speed claim); "just inside / outside" is 1e-9 away.
+EPS = 1e-9
+
+
+@pytest.mark.parametrize(
+    "low, high, better, expected",
+    [
+        # at least 1.9: the whole interval must be at or above it
+        (1.9, 2.0, "higher", "holds"),  # low on the threshold: inside
+        (1.9 + EPS, 2.0, "higher", "holds"),
+        (1.9 - EPS, 2.0, "higher", "inconclusive"),  # low just outside: straddles
+        (1.5, 1.9 - EPS, "higher", "does not hold"),  # high just below: wholly outside
+        (1.5, 1.9, "higher", "inconclusive"),  # high on the threshold: touches it
+        (1.5, 1.9 + EPS, "higher", "inconclusive"),
+        (1.7 - 1.3, 1.7 + 1.3, "higher", "inconclusive"),  # 1.7 +- 1.3x on a busy machine
+        (1.95, 1.95, "higher", "holds"),  # a point interval
+        (1.85, 1.85, "higher", "does not hold"),
+        # at most 1.9: mirrored
+        (1.8, 1.9, "lower", "holds"),
+        (1.8, 1.9 - EPS, "lower", "holds"),
+        (1.8, 1.9 + EPS, "lower", "inconclusive"),
+        (1.9 + EPS, 2.0, "lower", "does not hold"),
+        (1.9, 2.0, "lower", "inconclusive"),
+        (1.9 - EPS, 2.0, "lower", "inconclusive"),
+        # nothing measured
+        (math.nan, math.nan, "higher", "inconclusive"),
+        (1.5, math.nan, "lower", "inconclusive"),
+    ],
+)
+def test_interval_verdict(low, high, better, expected):
+    assert interval_verdict(low, high, 1.9, better) == expected
+
+
+def test_interval_verdict_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="better"):
+        interval_verdict(1.0, 2.0, 1.5, "more")
+    with pytest.raises(ValueError, match="low"):
+        interval_verdict(2.0, 1.0, 1.5)
+
+
+def test_spread():
+    assert Spread.of([2.0, 1.8, 1.9]) == Spread(1.9, 1.8, 2.0, 3)  # odd n: the middle value
+    assert Spread.of([1.0, 4.0, 2.0, 3.0]) == Spread(2.5, 1.0, 4.0, 4)  # even n: the mean of two
+    assert Spread.of([1.2, float("nan")]) == Spread(1.2, 1.2, 1.2, 1)
+    empty = Spread.of([])
+    assert empty.n == 0 and math.isnan(empty.median) and str(empty) == "nan"
+    assert str(Spread.of([1.8, 2.01, 1.95])) == "median 1.95, range 1.8 to 2.01 over 3"
+
+
+def test_claim_with_spread_shows_median_range_and_mean():
+    claim = _claim("p")
+    claim.spread = Spread(1.95, 1.8, 2.01, 3)
+    assert claim.measured == "median 1.95, range 1.8 to 2.01 over 3 (mean 12.346 ± 0.012)"
+    assert claim.row()["measured"] == claim.measured
+    assert list(claim.row()) == CLAIM_COLUMNS  # the spread is no column of its own
