@@ -15,25 +15,16 @@ from diffusers import DiTTransformer2DModel
 
 from repro.core.config import load_yaml, merge, validate_config
 from repro.core.errors import ReproInputError
-from repro.core.modelio import build_dit, save_model
+from repro.core.modelio import save_model
 from repro.foundation import store
 
-ARCH = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 1,
-    "num_layers": 1,
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "num_embeds_ada_norm": 10,
-}
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID, COMMIT = "org/tiny-t2i", "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_dit({**ARCH, "seed": 0})
+def model(tiny_dit):
+    return tiny_dit(seed=0, num_layers=1)
 
 
 @pytest.fixture

@@ -29,15 +29,6 @@ from repro.core.modelio import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 DIT_ID, VAE_ID = "org/tiny-dit", "org/tiny-vae"
-ARCH = {
-    "sample_size": 8,
-    "patch_size": 2,
-    "in_channels": 4,
-    "num_layers": 1,
-    "num_attention_heads": 2,
-    "attention_head_dim": 8,
-    "num_embeds_ada_norm": 10,
-}
 
 
 def paper_config(**agd_overrides):
@@ -46,10 +37,10 @@ def paper_config(**agd_overrides):
 
 
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory):
+def remote(tmp_path_factory, tiny_dit):
     """The 'hub': repository id -> directory of files, each with a pickled copy that must stay there."""
     root = tmp_path_factory.mktemp("remote")
-    dit = build_dit({**ARCH, "seed": 0})
+    dit = tiny_dit(seed=0, in_channels=4, num_layers=1)
     dit.save_pretrained(root / "dit" / "transformer", safe_serialization=True)
     (root / "dit" / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
     (root / "dit" / "model_index.json").write_text("{}")
