@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def adapters_for(base, params: dict) -> AGDAdapters:
     """Adapters sized for `base` (hidden width, depth and classes read from its config).
 
-    `w_scale` multiplies w before the random Fourier features (f ~ N(0, 1)). The
-    official DiT code uses 1, so the features vary smoothly over w in [1, 6]; the
-    paper's x1000 (text-to-image) makes nearby scales look unrelated to the MLP.
+    `w_scale` multiplies w before the random Fourier features (f ~ N(0, 1)): 1000 in
+    the paper and the official training script (--cfg-mult), 1 at tiny scale (this
+    project's choice: smooth features over w in [1, 6]; see GuidanceEmbedding).
     """
     cfg = base.config
     return AGDAdapters(

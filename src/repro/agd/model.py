@@ -35,11 +35,13 @@ class GuidanceEmbedding(nn.Module):
     """Embed the guidance scale: random Fourier features, then MLP (h -> 4h -> h), LayerNorm.
 
     The frequencies f ~ N(0,1) and phases phi ~ U(0,1) are fixed buffers drawn
-    from `seed`; w is multiplied by `w_scale` first. The official DiT code uses 1:
-    the features then vary smoothly over w in [1, 6] and the MLP can interpolate
-    between the scales it saw. The paper's x1000 (its text-to-image adapters)
-    gives nearby scales unrelated features; at tiny scale that taught the adapters
-    one average guidance, whatever w was asked for.
+    from `seed`; w is multiplied by `w_scale` first. The paper and the official
+    training script (agd/dit/train.py, --cfg-mult, default 1000) use x1000; only
+    its untrained-adapter helper defaults to 1. The tiny scale uses 1, this
+    project's choice: the features then vary smoothly over w in [1, 6] and the MLP
+    can interpolate between the scales it saw, while x1000 gives nearby scales
+    unrelated features, and at tiny scale that taught the adapters one average
+    guidance, whatever w was asked for. configs/paper.yaml uses the official 1000.
     """
 
     def __init__(
