@@ -117,7 +117,7 @@ def glyph_params(split):
 # ---- Hub checkpoints: fetched by rules/hub.smk on this host, read from the cache by jobs ----
 # The keys come from the papers' hub_keys and the foundation entries (repro.core.hub).
 from repro.core.hub import MANIFEST as HUB_MANIFEST
-from repro.core.hub import hub_sources, keys_on_hub
+from repro.core.hub import cache_options, hub_sources, keys_on_hub
 
 HUB = config["hub"]
 HUB_SOURCES = hub_sources(config)
@@ -133,7 +133,4 @@ def hub_options(*keys, **defaults):
     """`defaults`, plus from_pretrained's cache options when one of `keys` names a hub checkpoint."""
     if not ON_HUB.intersection(keys):
         return defaults
-    options = {**defaults, "cache_dir": HUB["cache_dir"]}
-    if HUB["offline"]:
-        options["local_files_only"] = True
-    return options
+    return {**defaults, **cache_options(config)}

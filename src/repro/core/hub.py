@@ -133,6 +133,17 @@ def hub_sources(
     return sources
 
 
+def cache_options(config: Mapping) -> dict:
+    """from_pretrained's options for a checkpoint that hub_fetch put in the cache, from
+    the workflow config: `cache_dir` (hub.cache_dir), and `local_files_only` when
+    hub.offline (the default), so that a job reads the cache and never the network."""
+    hub = config.get("hub") or {}
+    options = {"cache_dir": str(hub["cache_dir"])} if hub.get("cache_dir") else {}
+    if hub.get("offline", True):
+        options["local_files_only"] = True
+    return options
+
+
 def loader_options(params: Mapping) -> dict:
     """from_pretrained's cache options from a stage's params (cache_dir, local_files_only)."""
     options = {"local_files_only": bool(params.get("local_files_only", False))}

@@ -71,6 +71,14 @@ def model_kind(path: str | os.PathLike) -> str | None:
         raise ReproInputError(f"{file}: not a valid model kind tag ({err})") from err
 
 
+def check_kind(path: str | os.PathLike, kind: str, where: str | None = None) -> None:
+    """Refuse a directory that save_model tagged with another kind (untagged passes:
+    a checkpoint written by someone else's save_pretrained carries no tag)."""
+    found = model_kind(path)
+    if found is not None and found != kind:
+        raise ReproInputError(f"{where or path}: holds a {found!r} model, expected {kind!r}")
+
+
 def load_model(cls, path: str | os.PathLike, kind: str, weights: str):
     """A model of class `cls` saved by save_model, in float32 and eval mode.
 
@@ -83,9 +91,7 @@ def load_model(cls, path: str | os.PathLike, kind: str, weights: str):
         raise ReproInputError(f"{path}: not a saved {cls.__name__} (no config.json)")
     if not (path / weights).is_file():
         raise ReproInputError(f"{path}: not a saved {cls.__name__} (no {weights})")
-    found = model_kind(path)
-    if found is not None and found != kind:
-        raise ReproInputError(f"{path}: holds a {found!r} model, expected {kind!r}")
+    check_kind(path, kind)
     return from_pretrained(cls, path, str(path), local_files_only=True)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from repro.core.errors import ReproInputError
-from repro.core.hub import MANIFEST, is_hub_id, loader_options
+from repro.core.hub import MANIFEST, cache_options, is_hub_id, loader_options
 
 FOUNDATION_DIR = "models/foundation"
 
@@ -81,11 +81,7 @@ def model_params(config: Mapping, name: str) -> dict:
     params["pretrained"] = str(pretrained)
     if not is_hub_id(pretrained):
         return {**params, "local_files_only": True}
-    hub = config.get("hub") or {}
-    if hub.get("cache_dir"):
-        params["cache_dir"] = hub["cache_dir"]
-    params["local_files_only"] = bool(hub.get("offline", True))
-    return params
+    return {**params, "local_files_only": False, **cache_options(config)}
 
 
 def save_foundation(model, name: str, out_dir: str | os.PathLike | None = None) -> None:
@@ -105,7 +101,7 @@ def load_foundation(cls, params: Mapping, component: str | None = None):
     and a hub checkpoint in the cache. A directory built for another model is
     refused, and every error names foundation.<name>. Float32, eval mode.
     """
-    from repro.core.modelio import from_pretrained, model_kind
+    from repro.core.modelio import check_kind, from_pretrained
 
     name = params.get("name") or "?"
     source = params.get("pretrained")
@@ -114,8 +110,6 @@ def load_foundation(cls, params: Mapping, component: str | None = None):
     subfolder = "/".join(p.strip("/") for p in (params.get("subfolder"), component) if p) or None
     where = f"foundation.{name}: {source}" + (f" (subfolder {subfolder})" if subfolder else "")
     if Path(source).is_dir():
-        found = model_kind(source)
-        if found is not None and found != kind(name):
-            raise ReproInputError(f"{where}: holds a {found!r} model, expected {kind(name)!r}")
+        check_kind(source, kind(name), where)
     options = {**loader_options(params), "subfolder": subfolder}
     return from_pretrained(cls, str(source), where, **options)
