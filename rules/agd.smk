@@ -12,7 +12,8 @@ wildcard_constraints:
     traj="cfg|standard",
     seed=r"\d+",
     agd_checkpoint="base|derived",
-    agd_method="none|cfg|agd|agd_standard|gd|real",
+    agd_method="none|cfg|agd|agd_standard|agd_native|gd|real",
+    adapter="offset|mlp_gate|cross_attention|adaln",
 
 
 rule agd_base:
@@ -50,14 +51,14 @@ rule agd_base:
 
 rule agd_trajectories:
     input:
-        base=rules.agd_base.output.model,
+        base="models/agd/{agd_checkpoint}",
         train=rules.digits.output.train,
     output:
-        directory("data/agd/trajectories/{traj}"),
+        directory("data/agd/trajectories/{agd_checkpoint}/{traj}_s{seed}"),
     log:
-        "logs/agd/trajectories_{traj}.log",
+        "logs/agd/trajectories/{agd_checkpoint}_{traj}_s{seed}.log",
     benchmark:
-        "benchmarks/rules/agd/trajectories_{traj}.tsv"
+        "benchmarks/rules/agd/trajectories_{agd_checkpoint}_{traj}_s{seed}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -66,7 +67,9 @@ rule agd_trajectories:
         runtime=60,
         gpu=gpus(),
     params:
-        cfg=section("agd", "trajectories", sampler=AGD["sampler"]),
+        cfg=lambda wildcards: section(
+            "agd", "trajectories", sampler=AGD["sampler"], seed=int(wildcards.seed)
+        ),
     shell:
         stage(
             "repro.agd.trajectories",
@@ -78,15 +81,15 @@ rule agd_trajectories:
 
 rule agd_distill:
     input:
-        base=rules.agd_base.output.model,
-        trajectories="data/agd/trajectories/{traj}",
+        base="models/agd/{agd_checkpoint}",
+        trajectories="data/agd/trajectories/{agd_checkpoint}/{traj}_s{seed}",
     output:
-        adapters="models/agd/adapters/{traj}_s{seed}.safetensors",
-        metrics="results/agd/distill/{traj}_s{seed}.json",
+        adapters="models/agd/adapters/{agd_checkpoint}/{traj}_{adapter}_s{seed}.safetensors",
+        metrics="results/agd/distill/{agd_checkpoint}/{traj}_{adapter}_s{seed}.json",
     log:
-        "logs/agd/distill_{traj}_s{seed}.log",
+        "logs/agd/distill/{agd_checkpoint}_{traj}_{adapter}_s{seed}.log",
     benchmark:
-        "benchmarks/rules/agd/distill_{traj}_s{seed}.tsv"
+        "benchmarks/rules/agd/distill_{agd_checkpoint}_{traj}_{adapter}_s{seed}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -95,8 +98,13 @@ rule agd_distill:
         runtime=60,
         gpu=gpus("agd", "distill"),
     params:
-        cfg=lambda wildcards: section("agd", "distill", seed=int(wildcards.seed)),
-        checkpoints="checkpoints/agd_distill/{traj}_s{seed}",
+        cfg=lambda wildcards: section(
+            "agd",
+            "distill",
+            seed=int(wildcards.seed),
+            adapter_type=wildcards.adapter,
+        ),
+        checkpoints="checkpoints/agd_distill/{agd_checkpoint}/{traj}_{adapter}_s{seed}",
     shell:
         stage(
             "repro.agd.distill",
@@ -187,7 +195,8 @@ rule agd_eval:
         unpack(agd_eval_inputs),
         hub=hub_input("agd.base.vae"),
     output:
-        "results/agd/eval/{agd_checkpoint}/{agd_method}.csv",
+        table="results/agd/eval/{agd_checkpoint}/{agd_method}.csv",
+        samples="data/agd/samples/{agd_checkpoint}/{agd_method}.safetensors",
     log:
         "logs/agd/eval/{agd_checkpoint}_{agd_method}.log",
     benchmark:
@@ -222,14 +231,50 @@ rule agd_eval:
             " --checkpoint-name {wildcards.agd_checkpoint}"
             " {params.adapters} {params.gd} {params.train}"
             " --reference {input.reference:q} --validation {input.validation:q}"
-            " --classifier {input.classifier:q} --seeds {params.seeds} --out {output:q}",
+            " --classifier {input.classifier:q} --seeds {params.seeds}"
+            " --out {output.table:q} --samples {output.samples:q}",
             rule="agd_eval",
+        )
+
+
+rule agd_fidelity:
+    input:
+        samples=agd_eval_samples,
+        classifier="models/core/digit_classifier.safetensors",
+        inception_weights=AGD_INCEPTION if AGD_USES_INCEPTION else [],
+    output:
+        "results/agd/fidelity/{agd_checkpoint}.csv",
+    log:
+        "logs/agd/fidelity_{agd_checkpoint}.log",
+    benchmark:
+        "benchmarks/rules/agd/fidelity_{agd_checkpoint}.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=3000,
+        runtime=30,
+        gpu=gpus(),
+    params:
+        cfg=section(
+            "agd",
+            "eval",
+            **({"inception_weights": AGD_INCEPTION} if AGD_USES_INCEPTION else {}),
+        ),
+    shell:
+        stage(
+            "repro.agd.fidelity",
+            "--samples {input.samples:q} --classifier {input.classifier:q} --out {output:q}",
+            rule="agd_fidelity",
         )
 
 
 rule agd_table:
     input:
-        agd_eval_tables(),
+        evaluations=agd_eval_tables(),
+        fidelity=expand(
+            "results/agd/fidelity/{checkpoint}.csv", checkpoint=AGD_CHECKPOINTS
+        ),
     output:
         table=report(
             "results/agd_fid.csv",
@@ -251,14 +296,15 @@ rule agd_table:
     shell:
         stage(
             "repro.agd.table",
-            "--out {output.table:q} --metrics {output.metrics:q} {input:q}",
+            "--out {output.table:q} --metrics {output.metrics:q}"
+            " --fidelity {input.fidelity:q} -- {input.evaluations:q}",
         )
 
 
 rule agd_throughput:
     input:
         base=rules.agd_base.output.model,
-        adapters=f"models/agd/adapters/cfg_s{SEEDS[0]}.safetensors",
+        adapters=AGD_HEADLINE_ADAPTERS,
     output:
         "results/agd_throughput.csv",
     log:
@@ -288,11 +334,21 @@ rule agd_figures:
         table=rules.agd_table.output.table,
         throughput=rules.agd_throughput.output[0],
         base=rules.agd_base.output.model,
-        adapters=f"models/agd/adapters/cfg_s{SEEDS[0]}.safetensors",
+        # One panel per adapter type (seed 0), the headline type first.
+        adapters=agd_grid_adapters(),
+        fidelity=expand(
+            "results/agd/fidelity/{checkpoint}.csv", checkpoint=AGD_CHECKPOINTS
+        ),
     output:
         fid=report(
             "results/figures/agd_fid_vs_w.png",
             caption="../report/agd_fid_vs_w.rst",
+            category=AGD_LABEL,
+            subcategory="Figures",
+        ),
+        fidelity=report(
+            "results/figures/agd_fidelity_vs_w.png",
+            caption="../report/agd_fidelity_vs_w.rst",
             category=AGD_LABEL,
             subcategory="Figures",
         ),
@@ -325,8 +381,9 @@ rule agd_figures:
             "repro.agd.plots",
             "--table {input.table:q} --throughput {input.throughput:q}"
             " --base {input.base:q} --adapters {input.adapters:q}"
-            " --fid-figure {output.fid:q} --samples-figure {output.samples:q}"
-            " --speed-figure {output.speed:q}",
+            " --fidelity {input.fidelity:q}"
+            " --fid-figure {output.fid:q} --fidelity-figure {output.fidelity:q}"
+            " --samples-figure {output.samples:q} --speed-figure {output.speed:q}",
             rule="agd_figures",
         )
 
@@ -347,8 +404,11 @@ rule agd_claims:
     resources:
         mem_mb=500,
         runtime=5,
+    params:
+        adapter_type=AGD["distill"]["adapter_type"],
     shell:
         stage(
             "repro.agd.claims",
-            "--table {input.table:q} --throughput {input.throughput:q} --out {output:q}",
+            "--table {input.table:q} --throughput {input.throughput:q}"
+            " --adapter-type {params.adapter_type:q} --out {output:q}",
         )

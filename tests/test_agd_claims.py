@@ -89,7 +89,7 @@ def test_incomplete_pairs_are_dropped():
 
 
 def test_build_claims_ends_with_the_speed_claim():
-    claims = build_claims(pd.DataFrame(columns=COLUMNS), pairs([1.95, 1.92, 1.99]))
+    claims = build_claims(pd.DataFrame(columns=COLUMNS), pairs([1.95, 1.92, 1.99]), "offset")
     speed = claims[-1]
     assert speed.claim.startswith("AGD samples at least 1.9x faster")
     assert speed.verdict == "holds"

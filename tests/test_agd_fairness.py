@@ -60,6 +60,22 @@ def test_fid_claims_read_their_tolerance(ratio, tolerance, verdict):
     assert claim.verdict == verdict
 
 
+@pytest.mark.parametrize(
+    ("ratios", "verdict"),
+    [
+        ((1.00, 1.04, 1.08), "inconclusive"),  # mean 1.04, std 0.04: straddles 1.05
+        ((1.00, 1.01, 1.02), "holds"),  # mean + std = 1.02
+        ((1.06, 1.08, 1.10), "does not hold"),  # mean - std = 1.06
+    ],
+)
+def test_a_ratio_whose_spread_straddles_its_bound_is_inconclusive(ratios, verdict):
+    cfg = [10.0, 20.0, 40.0]
+    table = fid_table([r * f for r, f in zip(ratios, cfg, strict=True)], cfg)
+    claim = fid_claim(table, "c", "agd", "cfg", "base", "ref", FID_TOLERANCE)
+    assert claim.measured_mean == pytest.approx(sum(ratios) / 3)
+    assert claim.verdict == verdict
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """Real-data evaluation with test and val references drawn from different distributions."""
@@ -90,6 +106,7 @@ def scored(tmp_path_factory):
             *("--validation", str(root / "val.safetensors")),
             *("--classifier", str(root / "classifier.safetensors")),
             *("--out", str(root / "real.csv"), "--params", json.dumps(params)),
+            *("--samples", str(root / "real.safetensors")),
             *("--device", "cpu"),
         ]
     )

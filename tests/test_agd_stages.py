@@ -308,7 +308,20 @@ def test_paper_scale_loads_a_hub_style_checkpoint(tmp_path, tiny_dit):
     assert type(scheduler).__name__ == "DDPMScheduler"
 
 
-def claims_table(agd_fid, cfg_fid, std_fid, gd_fid, derived_agd, derived_cfg, fraction=0.02):
+def claims_table(
+    agd_fid,
+    cfg_fid,
+    std_fid,
+    gd_fid,
+    derived_agd,
+    derived_cfg,
+    native=None,
+    fidelity=(0.01, 0.02),
+    fraction=0.02,
+):
+    """Rows of every method the claims read, two scales, three seeds; `fidelity` is the
+    (agd, agd_standard) fidelity MSE to CFG."""
+    native = derived_agd if native is None else native
     rows = []
     for seed in (0, 1, 2):
         for w in (1.5, 3.0):
@@ -319,11 +332,14 @@ def claims_table(agd_fid, cfg_fid, std_fid, gd_fid, derived_agd, derived_cfg, fr
                 ("gd", "base", gd_fid, 10),
                 ("cfg", "derived", derived_cfg, 20),
                 ("agd", "derived", derived_agd, 10),
+                ("agd_native", "derived", native, 10),
             ]:
                 trainable = int(fraction * 1000) if method.startswith("agd") else 0
+                mse = {"agd": fidelity[0], "agd_standard": fidelity[1]}.get(method, 0.05)
                 rows.append(
                     dict(
                         method=method,
+                        adapter_type="-" if method == "cfg" else "offset",
                         checkpoint=ckpt,
                         guidance_scale=w,
                         steps=10,
@@ -337,6 +353,8 @@ def claims_table(agd_fid, cfg_fid, std_fid, gd_fid, derived_agd, derived_cfg, fr
                         images_per_s=100.0,
                         trainable_params=trainable,
                         base_params=1000,
+                        fidelity_mse=float("nan") if method == "cfg" else mse * (1 + 0.01 * seed),
+                        fidelity_feature=float("nan") if method == "cfg" else 1.0,
                     )
                 )
     return pd.DataFrame(rows)
@@ -353,14 +371,25 @@ def throughput(agd, cfg):
 
 
 def test_claims_follow_the_numbers():
-    good = build_claims(claims_table(10, 10.2, 12, 11, 15, 15.3), throughput(195, 100))
-    assert [c.verdict for c in good] == ["holds"] * 6
-    bad = build_claims(claims_table(14, 10, 12, 11, 20, 15, fraction=0.2), throughput(150, 100))
-    assert [c.verdict for c in bad] == ["does not hold"] * 6
+    good = build_claims(claims_table(10, 10.2, 12, 11, 15, 15.3), throughput(195, 100), "offset")
+    assert len(good) == 2 + 6  # one adapter type: matches-CFG and fraction, then six
+    assert [c.verdict for c in good] == ["holds"] * 8
+    bad = build_claims(
+        claims_table(14, 10, 12, 11, 30, 15, native=20, fidelity=(0.03, 0.02), fraction=0.2),
+        throughput(150, 100),
+        "offset",
+    )
+    assert [c.verdict for c in bad] == ["does not hold"] * 8
     assert bad[0].n == 3 and bad[0].measured_mean == pytest.approx(
         np.mean([14 / 10, 14.1 / 10.1, 14.2 / 10.2])
     )
-    none = build_claims(claims_table(10, 10, 10, 10, 10, 10).iloc[0:0], throughput(1, 1).iloc[0:0])
+    # Transfer: (AGD/CFG on derived) / (AGD/CFG on base), seed by seed.
+    transfer = next(c for c in bad if "derived checkpoint without" in c.claim)
+    expected = [(30 + s) / (15 + s) / ((14 + s) / (10 + s)) for s in (0.0, 0.1, 0.2)]
+    assert transfer.measured_mean == pytest.approx(np.mean(expected))
+    none = build_claims(
+        claims_table(10, 10, 10, 10, 10, 10).iloc[0:0], throughput(1, 1).iloc[0:0], "offset"
+    )
     assert {c.verdict for c in none} == {"inconclusive"}
 
 

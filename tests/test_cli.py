@@ -240,14 +240,16 @@ def test_step_generator_seeds_and_local_batch_of_one_process(monkeypatch):
         torch.randn(5, generator=torch.Generator().manual_seed(3_000_016)),
     )
     assert local_batch_size(64) == 64
-    assert sample_generator(3, 7).initial_seed() == 3_000_016
+    # Evaluation noise: stream 2 of seed 3's block, after the training steps' offsets.
+    assert sample_generator(3, 7).initial_seed() == 3 * 1_000_003 + 200_007
+    assert sample_generator(3, 7, "trajectories").initial_seed() == 3 * 1_000_003 + 100_007
 
     # A second rank draws other batches, half as large; sampling noise stays the same.
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert step_generator(3, 7).initial_seed() != 3_000_016
     assert local_batch_size(64) == 32
-    assert sample_generator(3, 7).initial_seed() == 3_000_016
+    assert sample_generator(3, 7).initial_seed() == 3 * 1_000_003 + 200_007
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,7 @@ def test_paper_scale_runs_multi_process_stages_under_torchrun(tmp_path):
     overlay.write_text(json.dumps({"agd": {"distill": {"processes": 3}, "gd": {"processes": 1}}}))
     plan = dry_run(
         tmp_path,
-        "models/agd/adapters/cfg_s0.safetensors",
+        "models/agd/adapters/base/cfg_offset_s0.safetensors",
         "models/agd/gd_s0",
         "--configfile",
         str(ROOT / "configs/paper.yaml"),

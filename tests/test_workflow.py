@@ -98,6 +98,14 @@ def test_headline_table(smoke):
     assert (table.fid > 0).all() and table.fid.notna().all()
     agd = table[table.method == "agd"]
     assert (agd.trainable_params > 0).all() and (agd.trainable_params < agd.base_params).all()
+    # Every adapter type side by side on the base; the headline type elsewhere.
+    kinds = agd.groupby("checkpoint").adapter_type.unique().apply(set).to_dict()
+    assert kinds == {"base": set(cfg["distill"]["adapter_types"]), "derived": {"offset"}}
+    assert set(table[table.method == "agd_native"].adapter_type) == {"offset"}
+    # Fidelity to CFG: zero-free and finite for the distilled methods, absent elsewhere.
+    distilled = table[table.method.isin(["agd", "agd_standard", "agd_native", "gd"])]
+    assert (distilled.fidelity_mse > 0).all() and (distilled.fidelity_feature > 0).all()
+    assert table[table.method.isin(["none", "cfg", "real"])].fidelity_mse.isna().all()
 
 
 def test_every_registered_papers_targets_were_made(smoke):
@@ -113,13 +121,15 @@ def test_claims_are_computed_for_agd(smoke):
     claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
     assert list(claims.columns) == list(CLAIM_COLUMNS)
     agd = claims[claims.paper == "AGD"]
-    assert len(agd) == 6
+    # Per adapter type: matches CFG and parameter fraction; then 6 headline-type claims.
+    types = len(smoke["config"]["agd"]["distill"]["adapter_types"])
+    assert len(agd) == 2 * types + 6
     assert set(agd.verdict) <= set(VERDICTS)
     assert agd.measured.str.contains("±").all()
 
 
 def test_figures_are_pngs(smoke):
-    for name in ("agd_fid_vs_w", "agd_samples", "agd_speed"):
+    for name in ("agd_fid_vs_w", "agd_fidelity_vs_w", "agd_samples", "agd_speed"):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
@@ -134,13 +144,16 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     counts = dict(rows)
     seeds = len(smoke["config"]["seeds"])
     cfg = smoke["config"]["agd"]["eval"]
+    types = len(smoke["config"]["agd"]["distill"]["adapter_types"])
     assert counts == {
         "digit_classifier": 1,
         "agd_base": 1,
-        "agd_distill": 2 * seeds,
+        # base: every type on CFG trajectories, the headline on standard; derived: headline
+        "agd_distill": (types + 2) * seeds,
         "agd_gd": seeds,
         "agd_transfer": 1,
         "agd_eval": 1 + len(cfg["methods"]) + len(cfg["transfer_methods"]),
+        "agd_fidelity": 2,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]
@@ -159,7 +172,13 @@ def test_report_shows_each_papers_tables_and_figures(smoke):
         ["snakemake", "--cores", "1", "--report", "results/report.html", *SMOKE], repo, smoke["env"]
     )
     html = (repo / "results/report.html").read_text(errors="ignore")
-    for needle in ("agd_fid_vs_w.png", "agd_samples.png", "agd_speed.png", "claims.csv"):
+    for needle in (
+        "agd_fid_vs_w.png",
+        "agd_fidelity_vs_w.png",
+        "agd_samples.png",
+        "agd_speed.png",
+        "claims.csv",
+    ):
         assert needle in html
     for paper in discover_papers():
         assert paper.label in html, paper.label  # its category
@@ -187,9 +206,9 @@ def test_dvc_metrics_push_and_pull_into_a_fresh_clone(smoke):
 def test_corrupt_input_fails_the_rule_naming_the_file(smoke):
     """Runs last: it breaks a trajectory shard in the smoke workdir."""
     repo, env = smoke["repo"], smoke["env"]
-    shard = repo / "data/agd/trajectories/cfg/shard_00000.safetensors"
+    shard = repo / "data/agd/trajectories/base/cfg_s0/shard_00000.safetensors"
     shard.write_bytes(shard.read_bytes()[:200])
-    target = "models/agd/adapters/cfg_s0.safetensors"
+    target = "models/agd/adapters/base/cfg_offset_s0.safetensors"
     proc = run(
         ["snakemake", "--cores", "1", target, "--forcerun", "agd_distill", *SMOKE],
         repo,
@@ -197,6 +216,6 @@ def test_corrupt_input_fails_the_rule_naming_the_file(smoke):
         check=False,
     )
     assert proc.returncode != 0
-    log = (repo / "logs/agd/distill_cfg_s0.log").read_text()
+    log = (repo / "logs/agd/distill/base_cfg_offset_s0.log").read_text()
     assert "shard_00000.safetensors" in log and "truncated" in log
     assert not (repo / target).exists()

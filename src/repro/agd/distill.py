@@ -5,8 +5,9 @@ AdamW, linear warm-up then cosine decay; checkpointed and resumable. Only the
 adapters are saved: they load onto any checkpoint derived from the same base.
 
     python -m repro.agd.distill --base models/agd/base \
-        --trajectories data/agd/trajectories/cfg --out models/agd/adapters/cfg_s0.safetensors \
-        --metrics results/agd/distill/cfg_s0.json --checkpoint-dir checkpoints/... --params '{...}'
+        --trajectories data/agd/trajectories/base/cfg_s0 \
+        --out models/agd/adapters/base/cfg_offset_s0.safetensors \
+        --metrics results/agd/distill/base/cfg_offset_s0.json --checkpoint-dir checkpoints/... --params '{...}'
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def adapters_for(base, params: dict) -> AGDAdapters:
     `w_scale` multiplies w before the random Fourier features (f ~ N(0, 1)): 1000 in
     the paper and the official training script (--cfg-mult), 1 at tiny scale (this
     project's choice: smooth features over w in [1, 6]; see GuidanceEmbedding).
+    `adapter_type` is one of repro.agd.model.ADAPTER_TYPES; `timestep_features`
+    (optional, default 64) sizes each block's sinusoidal timestep features.
     """
     cfg = base.config
     return AGDAdapters(
@@ -42,6 +45,7 @@ def adapters_for(base, params: dict) -> AGDAdapters:
         num_classes=cfg.num_embeds_ada_norm,
         w_scale=params["w_scale"],
         seed=params["seed"],
+        timestep_features=params.get("timestep_features", 64),
         kind=params["adapter_type"],
     )
 

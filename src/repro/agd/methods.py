@@ -5,6 +5,8 @@ figures and the throughput benchmark.
     cfg           the base with classifier-free guidance      2 NFEs per step
     agd           base + adapters trained on CFG trajectories 1 NFE per step
     agd_standard  base + adapters trained on standard ones    1 NFE per step
+    agd_native    adapters trained on THIS checkpoint's CFG trajectories (the
+                  transfer claim's reference on a derived checkpoint)  1 NFE per step
     gd            the whole model distilled (Meng et al.)     1 NFE per step
 """
 
@@ -25,8 +27,10 @@ from repro.core.diffusion import (
 from repro.core.errors import ReproInputError
 from repro.core.modelio import load_dit, null_label
 
-GUIDED = ("cfg", "agd", "agd_standard", "gd")
-ADAPTER_METHODS = ("agd", "agd_standard")
+GUIDED = ("cfg", "agd", "agd_standard", "agd_native", "gd")
+ADAPTER_METHODS = ("agd", "agd_standard", "agd_native")
+# The adapter_type of a method that has no adapters (none, cfg, real).
+NO_ADAPTER = "-"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Method:
     trainable_params: int
     base_params: int
     config: object  # the DiT's config: image shape and number of classes
+    adapter_type: str = NO_ADAPTER  # the kind of its w-conditioned adapters
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -78,7 +83,13 @@ def _load_method(name, checkpoint, adapters, gd) -> Method:
         model = AdaptedDiT(base, load_adapters(adapters)).eval()
         counts = model.parameter_counts()
         return Method(
-            name, model, null_label(base), counts["trainable"], counts["base"], base.config
+            name,
+            model,
+            null_label(base),
+            counts["trainable"],
+            counts["base"],
+            base.config,
+            model.adapters.config["kind"],
         )
     if name == "gd":
         if gd is None:
@@ -89,7 +100,13 @@ def _load_method(name, checkpoint, adapters, gd) -> Method:
         model = AdaptedDiT(base, load_adapters(Path(gd) / GD_ADAPTERS), train_base=True).eval()
         counts = model.parameter_counts()
         return Method(
-            name, model, null_label(base), counts["trainable"], counts["base"], base.config
+            name,
+            model,
+            null_label(base),
+            counts["trainable"],
+            counts["base"],
+            base.config,
+            model.adapters.config["kind"],
         )
     if name in ("none", "cfg"):
         base = load_dit(checkpoint).eval()

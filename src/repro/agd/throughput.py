@@ -5,7 +5,7 @@ speed-up is 2x; the adapters' own cost is what keeps it below. Run with every
 core given to it (the Snakemake rule asks for all cores) and nothing else beside.
 
     python -m repro.agd.throughput --base models/agd/base \
-        --adapters models/agd/adapters/cfg_s0.safetensors --out results/agd_throughput.csv \
+        --adapters models/agd/adapters/base/cfg_offset_s0.safetensors --out results/agd_throughput.csv \
         --params '{"batch_size": 500, "steps": 25, "repeats": 3, "sampler": {...}}'
 """
 

@@ -6,7 +6,14 @@ store EVERY step as (x_t, t, class, w, eps_cfg), eps_cfg = eps_u + w (eps_c - ep
 
 `standard` (earlier guidance distillation, the ablation and GD's data):
 forward-noise real training images to the same timesteps, x_t = q(x_t | x_0),
-with the same CFG targets computed by the base at those x_t.
+with the same CFG targets computed by the base at those x_t. With
+`standard_noise: per_path` (default) each path keeps one noise for all its
+timesteps, so both kinds hold the same number of noise paths (equal diversity:
+the ablation then compares where the states lie, not how many draws there are);
+`per_step` draws fresh noise at every step (more diverse than the CFG set).
+
+Both kinds draw from the pipeline seed's "trajectories" sampling stream
+(repro.core.diffusion.sample_generator), disjoint from the evaluation's.
 
 Shards are safetensors files of `shard_size` samples plus a manifest.json,
 written as they fill (memory stays bounded by a shard and a batch of
@@ -14,7 +21,7 @@ trajectories) and read back memory-mapped (`TrajectoryStore`), so the paper
 scale's ~1M stored steps (about 32 GB) never have to fit in memory.
 
     python -m repro.agd.trajectories --kind cfg --base models/agd/base \
-        --train data/digits/train.safetensors --out data/agd/trajectories/cfg --params '{...}'
+        --train data/digits/train.safetensors --out data/agd/trajectories/base/cfg_s0 --params '{...}'
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SHARD_KIND = "agd_trajectory_shard"
 FIELDS = ("x_t", "t", "labels", "w", "eps")
+STANDARD_NOISE = ("per_path", "per_step")
 
 
 def trajectory_plan(num_classes: int, per_class: int, w_min: float, w_max: float, seed: int):
@@ -64,7 +72,7 @@ def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_s
     batches = range(0, len(labels), batch_size)
     for i, start in enumerate(tqdm(batches, desc="cfg trajectories", disable=None)):
         y, wb = labels[start : start + batch_size], w[start : start + batch_size]
-        gen = sample_generator(seed, i)
+        gen = sample_generator(seed, i, "trajectories")
         result = sample(
             denoiser,
             scheduler,
@@ -88,14 +96,31 @@ def cfg_trajectories(denoiser, scheduler, labels, w, shape, steps, null, batch_s
 
 @torch.no_grad()
 def standard_trajectories(
-    denoiser, scheduler, images, image_labels, labels, w, steps, null, batch_size, seed, out
+    denoiser,
+    scheduler,
+    images,
+    image_labels,
+    labels,
+    w,
+    steps,
+    null,
+    batch_size,
+    seed,
+    out,
+    noise: str = "per_path",
 ):
     """Forward-noised real images at the sampler's timesteps, with CFG targets, into `out`.
 
-    Images and noise are drawn on the CPU; the targets are computed on the denoiser's device.
+    `noise`: "per_path" (one noise per trajectory, reused at every timestep: as many
+    noise paths as the CFG set) or "per_step" (fresh noise at every step). Images and
+    noise are drawn on the CPU; the targets are computed on the denoiser's device.
     """
+    if noise not in STANDARD_NOISE:
+        raise ReproInputError(
+            f"agd.trajectories.standard_noise: {noise!r} is not one of {STANDARD_NOISE}"
+        )
     device = module_device(denoiser, images.device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = sample_generator(seed, 0, "trajectories")
     # One real image of the right class per trajectory.
     x0 = torch.empty(len(labels), *images.shape[1:])
     for c in labels.unique():
@@ -104,6 +129,7 @@ def standard_trajectories(
             raise ReproInputError(f"training data has no image of class {int(c)}")
         rows = torch.nonzero(labels == c).flatten()
         x0[rows] = images[pool[torch.randint(len(pool), (len(rows),), generator=gen)]]
+    path_noise = torch.randn(x0.shape, generator=gen)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.long()
     for t in tqdm(timesteps, desc="standard trajectories", disable=None):
@@ -112,8 +138,11 @@ def standard_trajectories(
             wb = w[start : start + batch_size]
             x0b = x0[start : start + batch_size]
             tb = torch.full((len(y),), int(t), dtype=torch.long)
-            noise = torch.randn(x0b.shape, generator=gen)
-            x_t = q_sample(scheduler, x0b, noise, tb)
+            if noise == "per_path":
+                eps = path_noise[start : start + batch_size]
+            else:
+                eps = torch.randn(x0b.shape, generator=gen)
+            x_t = q_sample(scheduler, x0b, eps, tb)
             guided = ClassifierFreeGuidance(wb, null)(
                 denoiser, x_t.to(device), tb.to(device), y.to(device)
             )
@@ -226,6 +255,7 @@ def main(argv=None) -> None:
     stage.parser.add_argument("--kind", choices=["cfg", "standard"], required=True)
     stage.parser.add_argument("--base", required=True, help="base model directory")
     stage.parser.add_argument("--train", required=True, help="real training images (standard kind)")
+
     args = stage.start(argv)
     p = stage.params
 
@@ -259,6 +289,7 @@ def main(argv=None) -> None:
             p["batch_size"],
             p["seed"],
             out,
+            noise=p.get("standard_noise", "per_path"),
         )
     total = out.close()
     log.info("%s trajectories: %d samples in %s", args.kind, total, args.out)

@@ -15,6 +15,7 @@ METRICS = "results/agd_metrics.json"
 THROUGHPUT = "results/agd_throughput.csv"
 FIGURES = (
     "results/figures/agd_fid_vs_w.png",
+    "results/figures/agd_fidelity_vs_w.png",
     "results/figures/agd_samples.png",
     "results/figures/agd_speed.png",
 )
@@ -42,6 +43,17 @@ def checks(cfg: Mapping) -> list[str]:
                     f"agd.eval.guidance_scales: {w} lies outside the trained range "
                     f"agd.trajectories [w_min, w_max] = [{traj['w_min']}, {traj['w_max']}]"
                 )
+    for key in ("methods", "transfer_methods"):
+        if "cfg" not in agd["eval"][key]:
+            errors.append(
+                f"agd.eval.{key}: must include cfg (fidelity and every claim compare with CFG)"
+            )
+    distill = agd["distill"]
+    if distill["adapter_type"] not in distill["adapter_types"]:
+        errors.append(
+            f"agd.distill.adapter_type: {distill['adapter_type']!r} (the headline type, used by "
+            f"the ablations) is not in agd.distill.adapter_types {distill['adapter_types']}"
+        )
     sampler = agd["sampler"]
     if sampler["kind"] == "ddim" and sampler.get("variance_type", "fixed_small") != "fixed_small":
         errors.append(

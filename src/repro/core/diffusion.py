@@ -192,13 +192,27 @@ def _per_sample(scale, x: torch.Tensor):
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator of sampling batch `index` of a run seeded `seed`.
+# Sampling draws from its own streams, offset within a seed's block of STEP_STRIDE
+# seeds: training steps use offsets [0, SAMPLING_STREAM_STRIDE) (steps below 100k),
+# so no sampled noise repeats a training step's, and evaluation noise is never the
+# noise the training trajectories started from.
+SAMPLING_STREAM_STRIDE = 100_000
+SAMPLING_STREAMS = {"trajectories": 1, "eval": 2, "figures": 3}
+
+
+def sample_generator(seed: int, index: int, stream: str = "eval") -> torch.Generator:
+    """The CPU generator of sampling batch `index` of a run seeded `seed`, in `stream`
+    (one of SAMPLING_STREAMS: trajectories, eval, figures).
 
     Unlike a training step's (repro.core.distributed.step_generator) it is the same
     in every process: batch `index` gets the same noise however the batches are shared out.
     """
-    return torch.Generator().manual_seed(int(seed) * STEP_STRIDE + int(index))
+    if stream not in SAMPLING_STREAMS:
+        raise ValueError(f"stream {stream!r} is not one of {sorted(SAMPLING_STREAMS)}")
+    if not 0 <= int(index) < SAMPLING_STREAM_STRIDE:
+        raise ValueError(f"sampling batch index {index} outside [0, {SAMPLING_STREAM_STRIDE})")
+    offset = SAMPLING_STREAMS[stream] * SAMPLING_STREAM_STRIDE + int(index)
+    return torch.Generator().manual_seed(int(seed) * STEP_STRIDE + offset)
 
 
 def module_device(module, default: torch.device) -> torch.device:

@@ -146,7 +146,17 @@ def _on(fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
 def build_scorer(
     params: dict, reference_images: torch.Tensor, device: torch.device | None = None
 ) -> ImageScorer:
-    """An ImageScorer for params["feature_net"]: "digit_classifier" (params["classifier"] =
+    """An ImageScorer for params["feature_net"] (see feature_networks) against
+    `reference_images`."""
+    feature_fn, logits_fn = feature_networks(params, device)
+    batch_size = int(params.get("batch_size", 512))
+    return ImageScorer(feature_fn, logits_fn, reference_images, batch_size)
+
+
+def feature_networks(
+    params: dict, device: torch.device | None = None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """(features, logits) of params["feature_net"]: "digit_classifier" (params["classifier"] =
     its safetensors file) or "inception" (params["inception_weights"] = the FID
     Inception-v3 weights as a local .safetensors file, made by
     `python -m repro.core.inception convert`; nothing is downloaded here).
@@ -157,16 +167,13 @@ def build_scorer(
 
     device = resolve_device("auto") if device is None else device
     net = params.get("feature_net")
-    batch_size = int(params.get("batch_size", 512))
     if net == "digit_classifier":
         from repro.core.classifier import load_classifier
 
         if "classifier" not in params:
             raise ReproInputError("params.classifier: missing (the digit classifier .safetensors)")
         model = load_classifier(params["classifier"]).to(device)
-        return ImageScorer(
-            _on(model.features, device), _on(model, device), reference_images, batch_size
-        )
+        return _on(model.features, device), _on(model, device)
     if net == "inception":
         from repro.core.inception import URL_INCEPTION_V3
 
@@ -188,5 +195,5 @@ def build_scorer(
                 f"params.inception_weights (feature_net='inception'): {err}. To make the "
                 f"file: {how}"
             ) from err
-        return ImageScorer(inception.features, inception.logits, reference_images, batch_size)
+        return inception.features, inception.logits
     raise ReproInputError(f"params.feature_net: {net!r} is not one of {list(FEATURE_NETS)}")
