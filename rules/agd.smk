@@ -8,7 +8,10 @@
 include: "agd_common.smk"
 
 
+# agd_root: "agd" for the main rung; "agd_ladder/<rung>" for a rung of the scale
+# ladder (agd.ladder.rungs: the same rules on a bigger or smaller base).
 wildcard_constraints:
+    agd_root=r"agd|agd_ladder/[A-Za-z0-9_]+",
     traj="cfg|standard",
     seed=r"\d+",
     agd_checkpoint="base|derived",
@@ -21,12 +24,12 @@ rule agd_base:
         train=rules.digits.output.train,
         hub=hub_input("agd.base.pretrained"),
     output:
-        model=directory("models/agd/base"),
-        metrics="results/agd/base_metrics.json",
+        model=directory("models/{agd_root}/base"),
+        metrics="results/{agd_root}/base_metrics.json",
     log:
-        "logs/agd/base.log",
+        "logs/{agd_root}/base.log",
     benchmark:
-        "benchmarks/rules/agd/base.tsv"
+        "benchmarks/rules/{agd_root}/base.tsv"
     conda:
         "../envs/agd.yaml"
     threads: BASE_THREADS
@@ -35,10 +38,10 @@ rule agd_base:
         runtime=60,
         gpu=gpus("agd", "base"),
     params:
-        cfg=section(
-            "agd", "base", sampler=AGD["sampler"], **hub_options("agd.base.pretrained")
+        cfg=lambda wildcards: agd_section(
+            wildcards, "base", sampler=True, **hub_options("agd.base.pretrained")
         ),
-        checkpoints="checkpoints/agd_base",
+        checkpoints="checkpoints/{agd_root}/base",
     shell:
         stage(
             "repro.agd.base",
@@ -51,14 +54,14 @@ rule agd_base:
 
 rule agd_trajectories:
     input:
-        base="models/agd/{agd_checkpoint}",
+        base="models/{agd_root}/{agd_checkpoint}",
         train=rules.digits.output.train,
     output:
-        directory("data/agd/trajectories/{agd_checkpoint}/{traj}_s{seed}"),
+        directory("data/{agd_root}/trajectories/{agd_checkpoint}/{traj}_s{seed}"),
     log:
-        "logs/agd/trajectories/{agd_checkpoint}_{traj}_s{seed}.log",
+        "logs/{agd_root}/trajectories/{agd_checkpoint}_{traj}_s{seed}.log",
     benchmark:
-        "benchmarks/rules/agd/trajectories_{agd_checkpoint}_{traj}_s{seed}.tsv"
+        "benchmarks/rules/{agd_root}/trajectories_{agd_checkpoint}_{traj}_s{seed}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -67,8 +70,8 @@ rule agd_trajectories:
         runtime=60,
         gpu=gpus(),
     params:
-        cfg=lambda wildcards: section(
-            "agd", "trajectories", sampler=AGD["sampler"], seed=int(wildcards.seed)
+        cfg=lambda wildcards: agd_section(
+            wildcards, "trajectories", sampler=True, seed=int(wildcards.seed)
         ),
     shell:
         stage(
@@ -81,15 +84,15 @@ rule agd_trajectories:
 
 rule agd_distill:
     input:
-        base="models/agd/{agd_checkpoint}",
-        trajectories="data/agd/trajectories/{agd_checkpoint}/{traj}_s{seed}",
+        base="models/{agd_root}/{agd_checkpoint}",
+        trajectories="data/{agd_root}/trajectories/{agd_checkpoint}/{traj}_s{seed}",
     output:
-        adapters="models/agd/adapters/{agd_checkpoint}/{traj}_{adapter}_s{seed}.safetensors",
-        metrics="results/agd/distill/{agd_checkpoint}/{traj}_{adapter}_s{seed}.json",
+        adapters="models/{agd_root}/adapters/{agd_checkpoint}/{traj}_{adapter}_s{seed}.safetensors",
+        metrics="results/{agd_root}/distill/{agd_checkpoint}/{traj}_{adapter}_s{seed}.json",
     log:
-        "logs/agd/distill/{agd_checkpoint}_{traj}_{adapter}_s{seed}.log",
+        "logs/{agd_root}/distill/{agd_checkpoint}_{traj}_{adapter}_s{seed}.log",
     benchmark:
-        "benchmarks/rules/agd/distill_{agd_checkpoint}_{traj}_{adapter}_s{seed}.tsv"
+        "benchmarks/rules/{agd_root}/distill_{agd_checkpoint}_{traj}_{adapter}_s{seed}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -98,13 +101,13 @@ rule agd_distill:
         runtime=60,
         gpu=gpus("agd", "distill"),
     params:
-        cfg=lambda wildcards: section(
-            "agd",
+        cfg=lambda wildcards: agd_section(
+            wildcards,
             "distill",
             seed=int(wildcards.seed),
             adapter_type=wildcards.adapter,
         ),
-        checkpoints="checkpoints/agd_distill/{agd_checkpoint}/{traj}_{adapter}_s{seed}",
+        checkpoints="checkpoints/{agd_root}/distill/{agd_checkpoint}/{traj}_{adapter}_s{seed}",
     shell:
         stage(
             "repro.agd.distill",
@@ -121,12 +124,12 @@ rule agd_gd:
         base=rules.agd_base.output.model,
         train=rules.digits.output.train,
     output:
-        model=directory("models/agd/gd_s{seed}"),
-        metrics="results/agd/gd/gd_s{seed}.json",
+        model=directory("models/{agd_root}/gd_s{seed}"),
+        metrics="results/{agd_root}/gd/gd_s{seed}.json",
     log:
-        "logs/agd/gd_s{seed}.log",
+        "logs/{agd_root}/gd_s{seed}.log",
     benchmark:
-        "benchmarks/rules/agd/gd_s{seed}.tsv"
+        "benchmarks/rules/{agd_root}/gd_s{seed}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -135,14 +138,10 @@ rule agd_gd:
         runtime=60,
         gpu=gpus("agd", "gd"),
     params:
-        cfg=lambda wildcards: section(
-            "agd",
-            "gd",
-            seed=int(wildcards.seed),
-            sampler=AGD["sampler"],
-            w_range=[AGD["trajectories"]["w_min"], AGD["trajectories"]["w_max"]],
+        cfg=lambda wildcards: agd_section(
+            wildcards, "gd", sampler=True, seed=int(wildcards.seed), w_range=True
         ),
-        checkpoints="checkpoints/agd_gd/s{seed}",
+        checkpoints="checkpoints/{agd_root}/gd/s{seed}",
     shell:
         stage(
             "repro.agd.gd",
@@ -159,12 +158,12 @@ rule agd_transfer:
         glyphs="data/glyphs/train.safetensors",
         hub=hub_input("agd.transfer.pretrained"),
     output:
-        model=directory("models/agd/derived"),
-        metrics="results/agd/transfer_metrics.json",
+        model=directory("models/{agd_root}/derived"),
+        metrics="results/{agd_root}/transfer_metrics.json",
     log:
-        "logs/agd/transfer.log",
+        "logs/{agd_root}/transfer.log",
     benchmark:
-        "benchmarks/rules/agd/transfer.tsv"
+        "benchmarks/rules/{agd_root}/transfer.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -173,13 +172,13 @@ rule agd_transfer:
         runtime=60,
         gpu=gpus("agd", "transfer"),
     params:
-        cfg=section(
-            "agd",
+        cfg=lambda wildcards: agd_section(
+            wildcards,
             "transfer",
-            sampler=AGD["sampler"],
+            sampler=True,
             **hub_options("agd.transfer.pretrained"),
         ),
-        checkpoints="checkpoints/agd_transfer",
+        checkpoints="checkpoints/{agd_root}/transfer",
     shell:
         stage(
             "repro.agd.transfer",
@@ -195,12 +194,12 @@ rule agd_eval:
         unpack(agd_eval_inputs),
         hub=hub_input("agd.base.vae"),
     output:
-        table="results/agd/eval/{agd_checkpoint}/{agd_method}.csv",
-        samples="data/agd/samples/{agd_checkpoint}/{agd_method}.safetensors",
+        table="results/{agd_root}/eval/{agd_checkpoint}/{agd_method}.csv",
+        samples="data/{agd_root}/samples/{agd_checkpoint}/{agd_method}.safetensors",
     log:
-        "logs/agd/eval/{agd_checkpoint}_{agd_method}.log",
+        "logs/{agd_root}/eval/{agd_checkpoint}_{agd_method}.log",
     benchmark:
-        "benchmarks/rules/agd/eval_{agd_checkpoint}_{agd_method}.tsv"
+        "benchmarks/rules/{agd_root}/eval_{agd_checkpoint}_{agd_method}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -209,10 +208,10 @@ rule agd_eval:
         runtime=60,
         gpu=gpus(),
     params:
-        cfg=section(
-            "agd",
+        cfg=lambda wildcards: agd_section(
+            wildcards,
             "eval",
-            sampler=AGD["sampler"],
+            sampler=True,
             vae=AGD["base"].get("vae"),
             **({"inception_weights": AGD_INCEPTION} if AGD_USES_INCEPTION else {}),
             **hub_options(
@@ -243,11 +242,11 @@ rule agd_fidelity:
         classifier="models/core/digit_classifier.safetensors",
         inception_weights=AGD_INCEPTION if AGD_USES_INCEPTION else [],
     output:
-        "results/agd/fidelity/{agd_checkpoint}.csv",
+        "results/{agd_root}/fidelity/{agd_checkpoint}.csv",
     log:
-        "logs/agd/fidelity_{agd_checkpoint}.log",
+        "logs/{agd_root}/fidelity_{agd_checkpoint}.log",
     benchmark:
-        "benchmarks/rules/agd/fidelity_{agd_checkpoint}.tsv"
+        "benchmarks/rules/{agd_root}/fidelity_{agd_checkpoint}.tsv"
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -256,8 +255,8 @@ rule agd_fidelity:
         runtime=30,
         gpu=gpus(),
     params:
-        cfg=section(
-            "agd",
+        cfg=lambda wildcards: agd_section(
+            wildcards,
             "eval",
             **({"inception_weights": AGD_INCEPTION} if AGD_USES_INCEPTION else {}),
         ),
@@ -271,22 +270,20 @@ rule agd_fidelity:
 
 rule agd_table:
     input:
-        evaluations=agd_eval_tables(),
-        fidelity=expand(
-            "results/agd/fidelity/{checkpoint}.csv", checkpoint=AGD_CHECKPOINTS
-        ),
+        evaluations=agd_eval_tables,
+        fidelity=agd_fidelity_tables,
     output:
         table=report(
-            "results/agd_fid.csv",
+            "results/{agd_root}_fid.csv",
             caption="../report/agd_fid.rst",
             category=AGD_LABEL,
             subcategory="Tables",
         ),
-        metrics="results/agd_metrics.json",
+        metrics="results/{agd_root}_metrics.json",
     log:
-        "logs/agd/table.log",
+        "logs/{agd_root}/table.log",
     benchmark:
-        "benchmarks/rules/agd/table.tsv"
+        "benchmarks/rules/{agd_root}/table.tsv"
     conda:
         "../envs/agd.yaml"
     threads: 1
@@ -303,7 +300,7 @@ rule agd_table:
 
 rule agd_throughput:
     input:
-        base=rules.agd_base.output.model,
+        base="models/agd/base",
         adapters=AGD_HEADLINE_ADAPTERS,
     output:
         "results/agd_throughput.csv",
@@ -331,14 +328,15 @@ rule agd_throughput:
 
 rule agd_figures:
     input:
-        table=rules.agd_table.output.table,
+        table="results/agd_fid.csv",
         throughput=rules.agd_throughput.output[0],
-        base=rules.agd_base.output.model,
+        base="models/agd/base",
         # One panel per adapter type (seed 0), the headline type first.
         adapters=agd_grid_adapters(),
-        fidelity=expand(
-            "results/agd/fidelity/{checkpoint}.csv", checkpoint=AGD_CHECKPOINTS
-        ),
+        fidelity=[
+            f"results/agd/fidelity/{checkpoint}.csv"
+            for checkpoint in agd_checkpoints("agd")
+        ],
     output:
         fid=report(
             "results/figures/agd_fid_vs_w.png",
@@ -390,7 +388,7 @@ rule agd_figures:
 
 rule agd_claims:
     input:
-        table=rules.agd_table.output.table,
+        table="results/agd_fid.csv",
         throughput=rules.agd_throughput.output[0],
     output:
         "results/claims/agd.csv",
@@ -411,4 +409,51 @@ rule agd_claims:
             "repro.agd.claims",
             "--table {input.table:q} --throughput {input.throughput:q}"
             " --adapter-type {params.adapter_type:q} --out {output:q}",
+        )
+
+
+rule agd_ladder:
+    input:
+        tables=agd_ladder_tables(),
+    output:
+        table=report(
+            "results/agd_ladder.csv",
+            caption="../report/agd_ladder.rst",
+            category=AGD_LABEL,
+            subcategory="Tables",
+        ),
+        figure=report(
+            "results/figures/agd_ladder.png",
+            caption="../report/agd_ladder_figure.rst",
+            category=AGD_LABEL,
+            subcategory="Figures",
+        ),
+    log:
+        "logs/agd/ladder.log",
+    benchmark:
+        "benchmarks/rules/agd/ladder.tsv"
+    conda:
+        "../envs/agd.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        cfg=json.dumps(
+            {
+                "rungs": [
+                    {
+                        "name": name,
+                        "num_layers": agd_config(root)["base"]["model"]["num_layers"],
+                    }
+                    for name, root in [("main", "agd")]
+                    + [(rung, f"agd_ladder/{rung}") for rung in AGD_RUNGS]
+                ]
+            }
+        ),
+    shell:
+        stage(
+            "repro.agd.ladder",
+            "--tables {input.tables:q} --out {output.table:q} --figure {output.figure:q}",
+            rule="agd_ladder",
         )

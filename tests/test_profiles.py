@@ -60,7 +60,7 @@ def test_smoke_profile_with_a_target(tmp_path):
     planned = jobs(out)
     # The target's jobs only (no figures, throughput or claims), at smoke's 2 seeds:
     # distill = 2 kinds x 2 seeds.
-    assert planned["agd_table"] == 1 and planned["agd_distill"] == 4
+    assert planned["agd_table"] == 1 and planned["agd_distill"] == 8
     assert not {"agd_figures", "agd_throughput", "agd_claims", "all"} & set(planned)
 
 

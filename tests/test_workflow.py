@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from repro.agd.table import COLUMNS
+from repro.agd.workflow import ladder_rungs, rung_config
 from repro.core.config import load_yaml, merge
 from repro.core.papers import discover_papers, paper_targets
 from repro.core.results import CLAIM_COLUMNS, VERDICTS
@@ -108,6 +109,17 @@ def test_headline_table(smoke):
     assert table[table.method.isin(["none", "cfg", "real"])].fidelity_mse.isna().all()
 
 
+def test_the_ladder_compares_the_rungs(smoke):
+    ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
+    agd = smoke["config"]["agd"]
+    layers = ladder.groupby("rung").num_layers.first().to_dict()
+    assert layers == {"main": agd["base"]["model"]["num_layers"], "b3": 3}
+    params = ladder.groupby("rung").base_params.first()
+    assert params["b3"] > params["main"]
+    assert set(ladder[ladder.rung == "main"].adapter_type) == set(agd["distill"]["adapter_types"])
+    assert ladder.ratio_mean.notna().all() and (ladder.n == len(smoke["config"]["seeds"])).all()
+
+
 def test_every_registered_papers_targets_were_made(smoke):
     """`rule all` is the registry's targets: each paper's tables, figures and claims."""
     targets = paper_targets(smoke["config"])
@@ -129,7 +141,7 @@ def test_claims_are_computed_for_agd(smoke):
 
 
 def test_figures_are_pngs(smoke):
-    for name in ("agd_fid_vs_w", "agd_fidelity_vs_w", "agd_samples", "agd_speed"):
+    for name in ("agd_fid_vs_w", "agd_fidelity_vs_w", "agd_samples", "agd_speed", "agd_ladder"):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
@@ -143,17 +155,24 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     ).fetchall()
     counts = dict(rows)
     seeds = len(smoke["config"]["seeds"])
-    cfg = smoke["config"]["agd"]["eval"]
-    types = len(smoke["config"]["agd"]["distill"]["adapter_types"])
+    agd = smoke["config"]["agd"]
+    types = len(agd["distill"]["adapter_types"])
+    rung = rung_config(smoke["config"], "b3")
+    assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
-        "agd_base": 1,
-        # base: every type on CFG trajectories, the headline on standard; derived: headline
-        "agd_distill": (types + 2) * seeds,
+        "agd_base": 2,  # the main run's and the ladder rung's
+        # base: every type on CFG trajectories, the headline on standard; derived: the
+        # headline; the rung: its types on CFG trajectories
+        "agd_distill": (types + 2 + len(rung["distill"]["adapter_types"])) * seeds,
         "agd_gd": seeds,
         "agd_transfer": 1,
-        "agd_eval": 1 + len(cfg["methods"]) + len(cfg["transfer_methods"]),
-        "agd_fidelity": 2,
+        "agd_eval": 1
+        + len(agd["eval"]["methods"])
+        + len(agd["eval"]["transfer_methods"])
+        + len(rung["eval"]["methods"]),
+        "agd_fidelity": 3,  # main: base and derived; the rung: base
+        "agd_ladder": 1,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]
