@@ -199,7 +199,11 @@ def test_speed_figure(tmp_path):
             "steps": 5,
         }
     )
-    saved_png(plots.speed(throughput), tmp_path / "speed.png", min_px=200)
+    fig = plots.speed(throughput)
+    # The title reports the pair ratios the claim reads: 1.90, 1.91, 1.89 -> median 1.90.
+    title = fig.axes[0].get_title()
+    assert "median 1.90x" in title and "1.89x to 1.91x over 3 pairs" in title
+    saved_png(fig, tmp_path / "speed.png", min_px=200)
 
 
 @pytest.fixture

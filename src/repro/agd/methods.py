@@ -79,40 +79,36 @@ def _load_method(name, checkpoint, adapters, gd) -> Method:
     if name in ADAPTER_METHODS:
         if adapters is None:
             raise ReproInputError(f"method {name} needs --adapters")
-        base = load_dit(checkpoint).eval()
-        model = AdaptedDiT(base, load_adapters(adapters)).eval()
-        counts = model.parameter_counts()
-        return Method(
-            name,
-            model,
-            null_label(base),
-            counts["trainable"],
-            counts["base"],
-            base.config,
-            model.adapters.config["kind"],
-        )
+        return _adapted(name, load_dit(checkpoint), load_adapters(adapters))
     if name == "gd":
         if gd is None:
             raise ReproInputError("method gd needs --gd (the distilled model directory)")
         from repro.agd.gd import GD_ADAPTERS
 
-        base = load_dit(Path(gd) / "transformer").eval()
-        model = AdaptedDiT(base, load_adapters(Path(gd) / GD_ADAPTERS), train_base=True).eval()
-        counts = model.parameter_counts()
-        return Method(
-            name,
-            model,
-            null_label(base),
-            counts["trainable"],
-            counts["base"],
-            base.config,
-            model.adapters.config["kind"],
+        gd = Path(gd)
+        return _adapted(
+            name, load_dit(gd / "transformer"), load_adapters(gd / GD_ADAPTERS), train_base=True
         )
     if name in ("none", "cfg"):
         base = load_dit(checkpoint).eval()
         n = sum(p.numel() for p in base.parameters())
         return Method(name, DiTDenoiser(base).eval(), null_label(base), 0, n, base.config)
     raise ReproInputError(f"agd.eval.methods: unknown method {name!r}")
+
+
+def _adapted(name: str, base, adapters, train_base: bool = False) -> Method:
+    """A method that samples with base + adapters (train_base: the whole model counts)."""
+    model = AdaptedDiT(base.eval(), adapters, train_base=train_base).eval()
+    counts = model.parameter_counts()
+    return Method(
+        name,
+        model,
+        null_label(base),
+        counts["trainable"],
+        counts["base"],
+        base.config,
+        adapters.config["kind"],
+    )
 
 
 def load_decoder(
