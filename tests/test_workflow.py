@@ -208,7 +208,7 @@ def test_report_shows_each_papers_tables_and_figures(smoke):
 def test_dvc_metrics_push_and_pull_into_a_fresh_clone(smoke):
     repo, parent, env = smoke["repo"], smoke["parent"], smoke["env"]
     metrics = run(["dvc", "metrics", "show"], repo, env).stdout
-    assert "results/agd_metrics.json" in metrics and "base/agd.fid" in metrics
+    assert "results/agd_metrics.json" in metrics and "base/agd/offset.fid" in metrics
     status = run(["dvc", "status"], repo, env).stdout.lower()
     assert "up to date" in status, status
     run(["git", "add", "-A"], repo, env)
