@@ -209,7 +209,8 @@ def build_claims(table: pd.DataFrame, throughput: pd.DataFrame, adapter_type: st
     """AGD's claims; `adapter_type` is the headline type the ablations were run with."""
     claims = []
     cfg_nfe = table[(table.method == "cfg")].nfe
-    for kind in adapter_types(table) or [adapter_type]:
+    kinds = adapter_types(table) or [adapter_type]
+    for kind in kinds:
         claim = fid_claim(
             table,
             f"AGD ({kind} adapters) matches or beats CFG's FID with one forward pass per step instead of two.",
@@ -227,7 +228,7 @@ def build_claims(table: pd.DataFrame, throughput: pd.DataFrame, adapter_type: st
             claim.reference += f"; NFEs per image AGD {agd_nfe.max()} vs CFG {cfg_nfe.min()}"
         claims.append(claim)
 
-    for kind in adapter_types(table) or [adapter_type]:
+    for kind in kinds:
         agd_rows = rows_of(table, "agd", "base", kind)
         fractions = (
             (agd_rows.trainable_params / agd_rows.base_params).groupby(agd_rows.seed).first()
