@@ -117,6 +117,11 @@ def test_standard_outputs_are_required_where_declared(tmp_path, threads):
     data.write_bytes(b"x")
     first = stage.checkpoints(data)
     assert first.parent == tmp_path / "ckpt" and first == stage.checkpoints(data)
+    # Another job (another output) with the same params and inputs has its own: it
+    # must not resume the first one's finished run as if it were its own.
+    other = Stage("x", paper="test", out="the output", metrics=True, checkpoint_dir=True)
+    other.start(["--out", "o2", "--metrics", "m.json", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert other.checkpoints(data).parent == first.parent and other.checkpoints(data) != first
     assert not hasattr(Stage("x", paper="test").parser.parse_args([]), "out")
 
 

@@ -85,6 +85,48 @@ def test_fit_resume_in_process_and_step_mismatch(tmp_path):
         fit(modules={"model": model}, parameters=list(model.parameters()), steps=40, **kwargs)
 
 
+class _Record(nn.Module):
+    """A module on_step writes into (as a per-epoch validation would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(30))
+
+
+def test_on_step_runs_after_each_step_and_is_saved_with_the_checkpoint(tmp_path):
+    model, loss_fn = _toy()
+    record = _Record()
+    calls, weights_at_call = [], {}
+
+    def on_step(done: int) -> None:
+        calls.append(done)
+        record.seen[done - 1] = done
+        # Called after the optimizer step: the weights are those of `done` steps.
+        weights_at_call[done] = model[0].weight.detach().clone()
+
+    kwargs = dict(loss_fn=loss_fn, lr=1e-2, checkpoint_dir=tmp_path, checkpoint_every=10)
+    modules = {"model": model, "record": record}
+    fit(modules=modules, parameters=list(model.parameters()), steps=20, on_step=on_step, **kwargs)
+    assert calls == list(range(1, 21))
+    assert torch.equal(weights_at_call[20], model[0].weight)
+    # The checkpoint at step 20 holds what on_step recorded up to step 20 (written before
+    # the save); a fresh module resumed from it gets it back, and on_step is not called
+    # again for the 20 steps a resumed run skips.
+    calls.clear()
+    fresh, _ = _toy()
+    restored = _Record()
+    again = fit(
+        modules={"model": fresh, "record": restored},
+        parameters=list(fresh.parameters()),
+        steps=20,
+        on_step=on_step,
+        **kwargs,
+    )
+    assert again["resumed_from"] == 20 and calls == []
+    assert restored.seen[:20].tolist() == [float(i) for i in range(1, 21)]
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
 def test_nan_loss_raises_training_diverged():
     model, loss_fn = _toy()
 

@@ -116,9 +116,17 @@ class Stage:
         return distributed.is_main_process()
 
     def checkpoints(self, *inputs) -> Path:
-        """This run's checkpoint directory under --checkpoint-dir: one per (params, inputs),
-        so a changed config or a regenerated input never resumes a stale run."""
-        return run_directory(self.args.checkpoint_dir, self.params, list(inputs))
+        """This run's checkpoint directory under --checkpoint-dir: one per (job, params,
+        inputs), so a changed config or a regenerated input never resumes a stale run.
+
+        The job is named by its outputs (--out, --metrics): two jobs of one rule that
+        share a --checkpoint-dir, params and inputs but differ in a flag (DataDream's
+        classifiers on the same data with another --method) must not resume each other.
+        """
+        job = {key: str(getattr(self.args, key, None)) for key in ("out", "metrics")}
+        return run_directory(
+            self.args.checkpoint_dir, {"job": job, "params": self.params}, list(inputs)
+        )
 
     def summary(self, fit_summary: dict, **extra) -> dict:
         """The metrics of a training stage: fit's summary, the seconds since `start`, `extra`."""

@@ -68,12 +68,18 @@ def fit(
     checkpoint_every: int = 100,
     log_every: int = 50,
     desc: str = "train",
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train `parameters` for `steps` steps of `loss_fn`, resuming from `checkpoint_dir`.
 
     `modules` are what a checkpoint saves and restores (their train/eval modes
     are left as the caller set them). Every rank of a multi-process run calls
     `fit` with its own `loss_fn`; the losses reported are means over the ranks.
+    `on_step(done)`, if given, is called after every optimizer step with the number
+    of steps done, BEFORE that step's checkpoint is written: whatever it records in a
+    module of `modules` (e.g. a validation score per epoch and the best weights so
+    far) is saved with the step and restored on resume. It is not called again for
+    the steps a resumed run skips.
     Returns {"steps", "final_loss" (mean of the last min(50, steps) losses),
     "loss_history", "resumed_from"}.
     """
@@ -121,6 +127,8 @@ def fit(
         history.append(value)
 
         done = step + 1
+        if on_step is not None:
+            on_step(done)
         recent = history[-50:]
         running = sum(recent) / len(recent)
         bar.set_postfix(loss=f"{running:.4g}", refresh=False)
