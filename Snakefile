@@ -23,8 +23,11 @@ include: "rules/common.smk"
 include: "rules/hub.smk"
 include: "rules/data.smk"
 include: "rules/foundation.smk"
+include: "rules/foundation_t2i.smk"
+include: "rules/foundation_clip.smk"
 # One line per paper (its rules; it registers itself in repro.<paper>.workflow).
 include: "rules/agd.smk"
+include: "rules/datadream.smk"
 include: "rules/sla.smk"
 include: "rules/report.smk"
 

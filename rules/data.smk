@@ -47,6 +47,27 @@ rule glyphs:
         stage("repro.core.data", "glyphs --out {output:q}", rule="glyphs")
 
 
+# The foundation models' pre-training corpus (rules/foundation_*.smk): captioned glyphs
+# of config data.corpus, the tiny stand-in of web-scale image-text pairs.
+rule glyph_corpus:
+    output:
+        corpus="data/glyphs/corpus.safetensors",
+    log:
+        "logs/data/glyph_corpus.log",
+    benchmark:
+        "benchmarks/rules/data/glyph_corpus.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=10,
+    params:
+        cfg=section("data", "corpus"),
+    shell:
+        stage("repro.core.data", "glyphs --out {output.corpus:q}", rule="glyph_corpus")
+
+
 rule digit_classifier:
     input:
         train=rules.digits.output.train,

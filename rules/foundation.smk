@@ -17,8 +17,10 @@
 #     repro.foundation.store.load_foundation(cls, params["foundation"]["t2i"], component)
 # the same code at every scale.
 #
-# No foundation model is built yet: the papers that need one (DataDream, ProbeX,
-# HuMo) add its config entry, its build rule and its module in repro.foundation.
+# Built so far: t2i (rules/foundation_t2i.smk, repro.foundation.t2i) and clip
+# (rules/foundation_clip.smk, repro.foundation.clip), both pre-trained on the glyph
+# corpus (rule glyph_corpus). A paper that needs another model (HuMo's Wan) adds
+# its config entry, its build rule and its module in repro.foundation.
 from repro.foundation import store as foundation_store
 
 FOUNDATION = config["foundation"]

@@ -36,9 +36,9 @@ def no_network(monkeypatch):
 
 
 def config(t2i, hub=None):
-    """The tiny config with one foundation entry, foundation.t2i."""
-    cfg = load_yaml(ROOT / "config.yaml")
-    cfg = merge(cfg, {"foundation": {"t2i": t2i}, "hub": hub or {}})
+    """The tiny config with foundation.t2i replaced by `t2i` (the other entries kept)."""
+    cfg = merge(load_yaml(ROOT / "config.yaml"), {"hub": hub or {}})
+    cfg["foundation"] = {**cfg["foundation"], "t2i": t2i}
     validate_config(cfg)  # every case here is a valid config
     return cfg
 
@@ -86,8 +86,8 @@ def test_input_is_the_directory_when_pretrained_is_a_local_path(tmp_path):
 
 
 def test_an_unknown_model_is_named():
-    with pytest.raises(ReproInputError, match=r"foundation.clip: no such foundation model"):
-        store.model_input(config({"pretrained": None}), "clip")
+    with pytest.raises(ReproInputError, match=r"foundation.wan: no such foundation model"):
+        store.model_input(config({"pretrained": None}), "wan")
 
 
 # ----------------------------------------------------------------------------- the stage side

@@ -96,19 +96,22 @@ def test_tiny_and_smoke_scale_name_no_hub_checkpoint():
 
 def test_paper_scale_sources_are_a_function_of_the_config(tmp_path):
     sources = hub.hub_sources(paper_config())
+    # The foundation models first (configs/paper.yaml names SD 2.1 base and CLIP), then AGD's.
     assert [(s.key, s.repo_id, s.subfolder) for s in sources] == [
+        ("foundation.t2i.pretrained", "stabilityai/stable-diffusion-2-1-base", None),
+        ("foundation.clip.pretrained", "openai/clip-vit-base-patch16", None),
         ("agd.base.pretrained", "facebook/DiT-XL-2-256", "transformer"),
         ("agd.base.vae", "stabilityai/sd-vae-ft-ema", None),
     ]
-    assert sources[0].allow_patterns() == ["transformer/*.json", "transformer/*.safetensors"]
+    assert sources[2].allow_patterns() == ["transformer/*.json", "transformer/*.safetensors"]
     # A derived checkpoint on the hub is fetched too; the same (id, subfolder) only once.
     cfg = paper_config(transfer={"pretrained": "me/dit-finetuned"})
     assert [s.key for s in hub.hub_sources(cfg)][-1] == "agd.transfer.pretrained"
     cfg = paper_config(transfer={"pretrained": "facebook/DiT-XL-2-256"})
-    assert len(hub.hub_sources(cfg)) == 2
+    assert len(hub.hub_sources(cfg)) == 4
     # Local checkpoints are loaded where they are, never fetched.
     cfg = paper_config(base={"pretrained": str(tmp_path), "vae": "./vae"})
-    assert hub.hub_sources(cfg) == []
+    assert [s.key for s in hub.hub_sources(cfg) if s.key.startswith("agd.")] == []
 
 
 def test_sources_come_from_the_foundation_entries_then_the_papers_hub_keys(tmp_path):
@@ -144,6 +147,36 @@ def test_sources_come_from_the_foundation_entries_then_the_papers_hub_keys(tmp_p
         "agd.base.vae",
         "agd.transfer.pretrained",
     }
+
+
+def test_foundation_sources_fetch_the_tokenizer_merges_but_never_pickle(tmp_path):
+    """A CLIP tokenizer is vocab.json + merges.txt: a foundation entry fetches *.txt too."""
+    remote = tmp_path / "remote"
+    for rel, text in {
+        "model_index.json": "{}",
+        "unet/config.json": "{}",
+        "unet/diffusion_pytorch_model.safetensors": "weights",
+        "unet/diffusion_pytorch_model.bin": "pickle",
+        "tokenizer/vocab.json": "{}",
+        "tokenizer/merges.txt": "#version: 0.2",
+    }.items():
+        (remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        (remote / rel).write_text(text)
+    cfg = merge(load_yaml(ROOT / "config.yaml"), {"foundation": {"t2i": {"pretrained": "org/sd"}}})
+    (source,) = [s for s in hub.hub_sources(cfg) if s.key.startswith("foundation.")]
+    assert source.allow_patterns() == ["*.json", "*.safetensors", "*.txt"]
+    # The papers' own checkpoints keep the default patterns.
+    assert hub.hub_sources(paper_config())[-1].patterns == hub.DEFAULT_PATTERNS
+    calls = []
+    manifest = hub.fetch([source], tmp_path / "cache", download=fake_hub({"org/sd": remote}, calls))
+    assert manifest["sources"][0]["files"] == [
+        "model_index.json",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
+    assert calls[0]["allow_patterns"] == ["*.json", "*.safetensors", "*.txt"]
 
 
 @pytest.mark.parametrize(
@@ -275,6 +308,8 @@ def test_list_command_prints_what_the_paper_scale_fetches():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
+        "foundation.t2i.pretrained: stabilityai/stable-diffusion-2-1-base",
+        "foundation.clip.pretrained: openai/clip-vit-base-patch16",
         "agd.base.pretrained: facebook/DiT-XL-2-256 (subfolder transformer)",
         "agd.base.vae: stabilityai/sd-vae-ft-ema",
     ]

@@ -21,6 +21,8 @@ from repro.agd.workflow import ladder_rungs, rung_config
 from repro.core.config import load_yaml, merge
 from repro.core.papers import discover_papers, paper_targets
 from repro.core.results import CLAIM_COLUMNS, VERDICTS
+from repro.datadream import workflow as datadream_workflow
+from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The documented way to pick a scale (README): its profile, which leaves targets alone.
@@ -109,6 +111,28 @@ def test_headline_table(smoke):
     assert table[table.method.isin(["none", "cfg", "real"])].fidelity_mse.isna().all()
 
 
+def test_datadream_tables(smoke):
+    """One row per classifier run x N x seed, every run of the registry; FID per set."""
+    cfg, seeds = smoke["config"]["datadream"], smoke["config"]["seeds"]
+    acc = pd.read_csv(smoke["repo"] / "results/datadream_accuracy.csv")
+    assert list(acc.columns) == list(ACCURACY_COLUMNS)
+    runs = {(m, g, s) for m, g, s in datadream_workflow.runs(cfg)}
+    assert set(zip(acc.method, acc.generator, acc.shots, strict=True)) == runs
+    assert set(acc.seed) == set(seeds)
+    synthetic = acc[acc.method.isin(["synthetic", "real_synthetic"])]
+    # Every synthetic run at every N; the others at N = 0.
+    assert set(synthetic.n_synthetic_per_class) == set(cfg["n_synthetic"])
+    assert (acc[~acc.index.isin(synthetic.index)].n_synthetic_per_class == 0).all()
+    # One selected N per method x generator x shots x seed.
+    picked = acc[acc.selected.astype(bool)].groupby(["method", "generator", "shots", "seed"])
+    assert (picked.size() == 1).all() and len(picked) == len(runs) * len(seeds)
+    assert acc.test_acc.between(0, 1).all() and acc.val_acc.between(0, 1).all()
+    fid = pd.read_csv(smoke["repo"] / "results/datadream_fid.csv")
+    assert list(fid.columns) == list(FID_COLUMNS)
+    sets = datadream_workflow.synthetic_sets(cfg)
+    assert len(fid) == len(sets) * len(seeds) and (fid.fid > 0).all()
+
+
 def test_the_ladder_compares_the_rungs(smoke):
     ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
     agd = smoke["config"]["agd"]
@@ -140,8 +164,25 @@ def test_claims_are_computed_for_agd(smoke):
     assert agd.measured.str.contains("±").all()
 
 
+def test_claims_are_computed_for_datadream(smoke):
+    claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
+    dd = claims[claims.paper == "DataDream"]
+    variants = len(smoke["config"]["datadream"]["lora"]["variants"])
+    # Per variant: synthetic beats unadapted synthetic, real + synthetic beats real-only,
+    # lower FID than unadapted; then every method beats zero-shot CLIP.
+    assert len(dd) == 3 * variants + 1
+    assert set(dd.verdict) <= set(VERDICTS)
+
+
 def test_figures_are_pngs(smoke):
-    for name in ("agd_fid_vs_w", "agd_fidelity_vs_w", "agd_samples", "agd_speed", "agd_ladder"):
+    for name in (
+        "agd_fid_vs_w",
+        "agd_fidelity_vs_w",
+        "agd_samples",
+        "agd_speed",
+        "agd_ladder",
+        *(Path(f).stem for f in datadream_workflow.FIGURES.values()),
+    ):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
@@ -158,6 +199,7 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     agd = smoke["config"]["agd"]
     types = len(agd["distill"]["adapter_types"])
     rung = rung_config(smoke["config"], "b3")
+    dd = smoke["config"]["datadream"]
     assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
@@ -173,6 +215,12 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         + len(rung["eval"]["methods"]),
         "agd_fidelity": 3,  # main: base and derived; the rung: base
         "agd_ladder": 1,
+        "foundation_t2i": 1,
+        "foundation_clip": 1,
+        "datadream_lora": len(dd["lora"]["variants"]) * len(dd["adapt_shots"]) * seeds,
+        "datadream_generate": len(datadream_workflow.synthetic_sets(dd)) * seeds,
+        "datadream_fid": len(datadream_workflow.synthetic_sets(dd)) * seeds,
+        "datadream_classify": len(datadream_workflow.runs(dd)) * seeds,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]
@@ -196,6 +244,7 @@ def test_report_shows_each_papers_tables_and_figures(smoke):
         "agd_fidelity_vs_w.png",
         "agd_samples.png",
         "agd_speed.png",
+        *(Path(f).name for f in datadream_workflow.FIGURES.values()),
         "claims.csv",
     ):
         assert needle in html

@@ -15,6 +15,10 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "agd_transfer": ("agd", "transfer"),
     "agd_eval": None,
     "agd_throughput": None,
+    "datadream_lora": None,
+    "datadream_generate": None,
+    "datadream_fid": None,
+    "datadream_classify": None,
     "sla_kernel_bench": None,
 }
 CPU_RULES = frozenset(
@@ -26,6 +30,10 @@ CPU_RULES = frozenset(
         "agd_table",
         "agd_figures",
         "agd_claims",
+        "datadream_fewshot",
+        "datadream_table",
+        "datadream_figures",
+        "datadream_claims",
         "claims",
     }
 )

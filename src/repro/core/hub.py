@@ -23,7 +23,8 @@ Which config values are hub checkpoints is a function of the config
 checkpoint adds its key to its own spec. A value that names a local path (absolute,
 starting with "." or "~", or an existing directory) is loaded from there and
 not fetched. At tiny and smoke scale no key names a hub checkpoint, so nothing
-is fetched. Only JSON configs and safetensors weights are fetched: no pickle.
+is fetched. Only JSON configs and safetensors weights are fetched (and, for the
+foundation entries, the tokenizer's merges.txt): no pickle.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ MANIFEST = "models/hub/manifest.json"
 # What from_pretrained reads of a diffusers / transformers checkpoint: its configs
 # and safetensors weights (a repository's pickled .bin copies are never fetched).
 DEFAULT_PATTERNS = ("*.json", "*.safetensors")
+# A foundation model also ships its CLIP tokenizer as vocab.json + merges.txt (SD's
+# tokenizer/, CLIP's root): the merges are text, so *.txt is fetched too (still no pickle).
+FOUNDATION_PATTERNS = (*DEFAULT_PATTERNS, "*.txt")
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,10 @@ def hub_sources(
         if (value, subfolder) in seen:
             continue
         seen.add((value, subfolder))
-        sources.append(HubSource(key=key, repo_id=value, subfolder=subfolder or None))
+        patterns = FOUNDATION_PATTERNS if key.startswith("foundation.") else DEFAULT_PATTERNS
+        sources.append(
+            HubSource(key=key, repo_id=value, subfolder=subfolder or None, patterns=patterns)
+        )
     return sources
 
 

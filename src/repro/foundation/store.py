@@ -111,5 +111,6 @@ def load_foundation(cls, params: Mapping, component: str | None = None):
     where = f"foundation.{name}: {source}" + (f" (subfolder {subfolder})" if subfolder else "")
     if Path(source).is_dir():
         check_kind(source, kind(name), where)
-    options = {**loader_options(params), "subfolder": subfolder}
+    # transformers (5.x) joins `subfolder` into paths: None fails there, so it is left out.
+    options = {**loader_options(params), **({"subfolder": subfolder} if subfolder else {})}
     return from_pretrained(cls, str(source), where, **options)

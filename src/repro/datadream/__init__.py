@@ -1,0 +1,1 @@
+"""DataDream: few-shot guided dataset generation (ECCV 2024), at every scale."""
