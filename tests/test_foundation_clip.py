@@ -29,7 +29,7 @@ from repro.foundation.clip import (
     save_clip,
     zero_shot_predict,
 )
-from repro.foundation.t2i import generic_caption
+from repro.foundation.corpus import generic_caption
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_ID, COMMIT = "org/tiny-clip", "0123456789abcdef0123456789abcdef01234567"

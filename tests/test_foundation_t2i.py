@@ -20,6 +20,7 @@ from repro.core.data import render_glyphs, write_image_dataset
 from repro.core.errors import ReproInputError
 from repro.core.modelio import KIND_FILE, save_model
 from repro.core.training import fit
+from repro.foundation import corpus as glyph_corpus
 from repro.foundation import store, t2i
 from repro.foundation.t2i import (
     build_t2i,
@@ -103,7 +104,7 @@ def glyphs():
 
 @pytest.fixture(scope="module")
 def captions(glyphs):
-    return glyphs.captions + [t2i.generic_caption(ch) for ch in CHARS]
+    return glyphs.captions + [glyph_corpus.generic_caption(ch) for ch in CHARS]
 
 
 @pytest.fixture
@@ -305,10 +306,10 @@ def test_the_denoising_loss_falls_in_a_short_training(model, glyphs):
 
 
 def test_captions_are_dropped_or_made_generic_in_the_configured_shares(corpus_file):
-    corpus = t2i.load_corpus(corpus_file, heldout=20)
+    corpus = glyph_corpus.load_corpus(corpus_file, heldout=20)
     assert len(corpus.labels) == 60 and len(corpus.heldout_labels) == 20
     idx = torch.arange(60).repeat(100)
-    mixed = t2i.mixed_captions(corpus, idx, torch.Generator().manual_seed(0), 0.1, 0.3)
+    mixed = glyph_corpus.mixed_captions(corpus, idx, torch.Generator().manual_seed(0), 0.1, 0.3)
     pairs = list(zip(mixed, idx.tolist(), strict=True))
     empty = sum(c == "" for c, _ in pairs)
     generic = sum(c == corpus.generic[corpus.labels[i]] for c, i in pairs)

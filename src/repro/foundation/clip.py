@@ -33,6 +33,7 @@ from torch import Tensor
 
 from repro.core.errors import ReproInputError
 from repro.foundation import store
+from repro.foundation.corpus import check_build_params, config_section, load_corpus, mixed_captions
 from repro.foundation.tokenizer import build_tokenizer, load_tokenizer, vocab_files
 
 log = logging.getLogger(__name__)
@@ -161,18 +162,6 @@ def preprocessor_config(clip: Clip) -> dict:
 # ----------------------------------------------------------------------------- build, save, load
 
 
-def _section(params: dict, key: str, allowed: tuple[str, ...]) -> dict:
-    section = params.get(key) or {}
-    if not isinstance(section, dict):
-        raise ReproInputError(f"foundation.{NAME}.{key}: expected a mapping, got {section!r}")
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise ReproInputError(
-            f"foundation.{NAME}.{key}: unknown keys {unknown}, allowed {sorted(allowed)}"
-        )
-    return dict(section)
-
-
 def build_clip(params: dict, captions: list[str]) -> Clip:
     """The tiny CLIP of config section foundation.clip, randomly initialised from
     params["seed"]: a CLIPTokenizer trained on `captions` (vocab_size), a CLIPModel of
@@ -180,8 +169,8 @@ def build_clip(params: dict, captions: list[str]) -> Clip:
     image_mean / image_std (default 0.5: [-1, 1] again). Eval mode."""
     from transformers import CLIPConfig, CLIPModel
 
-    vision = _section(params, "vision", VISION_KEYS)
-    text = _section(params, "text", TEXT_KEYS)
+    vision = config_section(NAME, params, "vision", VISION_KEYS)
+    text = config_section(NAME, params, "text", TEXT_KEYS)
     if "vocab_size" not in params:
         raise ReproInputError(f"foundation.{NAME}.vocab_size: missing")
     tokenizer = build_tokenizer(
@@ -314,7 +303,6 @@ def pretrain(clip: Clip, corpus, params: dict, checkpoint_dir) -> dict:
     "a glyph of the digit seven" is a caption CLIP has seen. Batches: f(seed, step)."""
     from repro.core.distributed import local_batch_size, step_generator
     from repro.core.training import fit, optimiser_settings
-    from repro.foundation.t2i import mixed_captions
 
     seed, batch_size = int(params["seed"]), local_batch_size(int(params["batch_size"]))
     generic = float(params["generic_fraction"])
@@ -370,7 +358,6 @@ def evaluate(clip: Clip, corpus, digits_path=None) -> dict:
 
 def main(argv=None) -> None:
     from repro.core.stage import Stage
-    from repro.foundation.t2i import load_corpus
 
     stage = Stage(
         __doc__,
@@ -385,14 +372,7 @@ def main(argv=None) -> None:
     )
     args = stage.start(argv)
     params = stage.params
-    if params.get("pretrained"):
-        raise ReproInputError(
-            f"foundation.{NAME}.pretrained: {params['pretrained']!r} is loaded, not built; "
-            "this stage builds the tiny model (pretrained: null)"
-        )
-    for key in ("heldout", "generic_fraction", "seed"):
-        if key not in params:
-            raise ReproInputError(f"foundation.{NAME}.{key}: missing from --params")
+    check_build_params(NAME, params, ("heldout", "generic_fraction", "seed"))
     corpus = load_corpus(args.corpus, params["heldout"])
     if args.digits is not None:
         from repro.core.data import load_image_dataset

@@ -33,6 +33,13 @@ from torch import Tensor
 
 from repro.core.errors import ReproInputError
 from repro.foundation import store
+from repro.foundation.corpus import (
+    Corpus,
+    check_build_params,
+    config_section,
+    load_corpus,
+    mixed_captions,
+)
 from repro.foundation.tokenizer import build_tokenizer, load_tokenizer, vocab_files
 
 log = logging.getLogger(__name__)
@@ -195,24 +202,12 @@ def _library_entry(obj) -> list | None:
 # ----------------------------------------------------------------------------- build
 
 
-def _section(params: dict, key: str, allowed: tuple[str, ...]) -> dict:
-    section = params.get(key) or {}
-    if not isinstance(section, dict):
-        raise ReproInputError(f"foundation.{NAME}.{key}: expected a mapping, got {section!r}")
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise ReproInputError(
-            f"foundation.{NAME}.{key}: unknown keys {unknown}, allowed {sorted(allowed)}"
-        )
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()}
-
-
 def make_noise_scheduler(params: dict):
     """The training noise schedule (a DDPMScheduler, as SD ships it): no sample clipping."""
     from diffusers import DDPMScheduler
 
     config = {"num_train_timesteps": 1000, "beta_schedule": "linear", "clip_sample": False}
-    config.update(_section(params, "scheduler", SCHEDULER_KEYS))
+    config.update(config_section(NAME, params, "scheduler", SCHEDULER_KEYS))
     if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
         raise ReproInputError(
             f"foundation.{NAME}.scheduler.prediction_type: {config['prediction_type']!r}, "
@@ -229,8 +224,8 @@ def build_t2i(params: dict, captions: list[str]) -> TextToImage:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text = _section(params, "text_encoder", TEXT_KEYS)
-    unet = _section(params, "unet", UNET_KEYS)
+    text = config_section(NAME, params, "text_encoder", TEXT_KEYS)
+    unet = config_section(NAME, params, "unet", UNET_KEYS)
     if "vocab_size" not in params:
         raise ReproInputError(f"foundation.{NAME}.vocab_size: missing")
     tokenizer = build_tokenizer(
@@ -440,86 +435,7 @@ def generate(
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------- the corpus
-
-GENERIC_TEMPLATE = "a glyph of {name}"
-
-
-def generic_caption(ch: str) -> str:
-    """The caption without font words: "a glyph of the digit seven" (DataDream's prompt)."""
-    from repro.core.data import char_name
-
-    return GENERIC_TEMPLATE.format(name=char_name(ch))
-
-
-@dataclass
-class Corpus:
-    """The glyph corpus, cut into the part the models train on and the held-out tail."""
-
-    images: Tensor  # training images [N, 1, H, W]
-    labels: Tensor  # char index [N]
-    captions: list[str]
-    heldout_images: Tensor
-    heldout_labels: Tensor
-    heldout_captions: list[str]
-    chars: str
-
-    @property
-    def generic(self) -> list[str]:
-        """One generic caption per char (index = label)."""
-        return [generic_caption(ch) for ch in self.chars]
-
-    def all_texts(self) -> list[str]:
-        """Every text the tokenizer must know: the captions and the generic prompts."""
-        return sorted(set(self.captions) | set(self.generic))
-
-
-def load_corpus(path: str | os.PathLike, heldout: int) -> Corpus:
-    """The corpus file of rule glyph_corpus (kind "glyphs", with captions): its last
-    `heldout` images are held out (render_glyphs shuffles, so they are a random part)."""
-    from repro.core.data import load_image_dataset
-
-    data = load_image_dataset(path, kind="glyphs")
-    chars = data.meta.get("chars")
-    if not data.captions or not isinstance(chars, str):
-        raise ReproInputError(f"{path}: a glyph corpus needs captions and meta.chars")
-    heldout = int(heldout)
-    if not 0 < heldout < len(data.labels):
-        raise ReproInputError(
-            f"data.corpus.heldout: {heldout} must be in (0, {len(data.labels)}) for {path}"
-        )
-    cut = len(data.labels) - heldout
-    return Corpus(
-        images=data.images[:cut],
-        labels=data.labels[:cut],
-        captions=list(data.captions[:cut]),
-        heldout_images=data.images[cut:],
-        heldout_labels=data.labels[cut:],
-        heldout_captions=list(data.captions[cut:]),
-        chars=chars,
-    )
-
-
-def mixed_captions(
-    corpus: Corpus,
-    idx: Tensor,
-    generator: torch.Generator,
-    dropout: float,
-    generic_fraction: float,
-) -> list[str]:
-    """The captions of training batch `idx`: "" with probability `dropout` (for CFG),
-    the generic caption with probability `generic_fraction`, else the corpus caption."""
-    u = torch.rand(len(idx), generator=generator, device=generator.device).tolist()
-    generic = corpus.generic
-    out = []
-    for i, r in zip(idx.tolist(), u, strict=True):
-        if r < dropout:
-            out.append("")
-        elif r < dropout + generic_fraction:
-            out.append(generic[int(corpus.labels[i])])
-        else:
-            out.append(corpus.captions[i])
-    return out
+# ----------------------------------------------------------------------------- the judge
 
 
 @torch.no_grad()
@@ -633,14 +549,9 @@ def main(argv=None) -> None:
     stage.parser.add_argument("--corpus", required=True, help="glyph corpus (safetensors)")
     args = stage.start(argv)
     params = stage.params
-    if params.get("pretrained"):
-        raise ReproInputError(
-            f"foundation.{NAME}.pretrained: {params['pretrained']!r} is loaded, not built; "
-            "this stage builds the tiny model (pretrained: null)"
-        )
-    for key in ("heldout", "eval", "caption_dropout", "generic_fraction", "seed"):
-        if key not in params:
-            raise ReproInputError(f"foundation.{NAME}.{key}: missing from --params")
+    check_build_params(
+        NAME, params, ("heldout", "eval", "caption_dropout", "generic_fraction", "seed")
+    )
     if params["caption_dropout"] + params["generic_fraction"] > 1:
         raise ReproInputError(
             f"foundation.{NAME}.caption_dropout + foundation.{NAME}.generic_fraction: "
