@@ -134,9 +134,9 @@ def _reference(q, k, v, mask, grads, phi, linear, use=(True, True)):
     return outs, [t.grad for t in leaves]
 
 
-def _triton(q, k, v, mask, grads, phi, linear, use=(True, True)):
+def _triton(q, k, v, mask, grads, phi, linear, use=(True, True), fuse_linear=False):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    outs = sla_triton(*leaves, mask, phi=phi, linear=linear)
+    outs = sla_triton(*leaves, mask, phi=phi, linear=linear, fuse_linear=fuse_linear)
     pairs = [(o, g) for o, g, u in zip(outs, grads, use, strict=True) if u]
     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     return outs, [t.grad for t in leaves]
@@ -163,43 +163,99 @@ def test_gradient_through_one_branch(use):
         _assert_close(name, got, ref, case.dtype)
 
 
-def test_inference_path_matches_training_path():
-    """Without requires_grad no row states are saved; the outputs must not change."""
-    case = Case(SHAPES[2], 0.25, 0.25, "softmax", "marginal", torch.float32)
+# Each way the kernels can run the linear branch, picked by the plan (the mode is
+# asserted, so a change of rule cannot silently drop a path): (shape, k_h, k_l, linear,
+# expected mode). Shapes as SHAPES; 128-row query blocks with 64-row key blocks are the
+# paper benchmark's shape.
+PATHS = (
+    ((1, 2, 200, 200, 32, 32, 16), 0.1, 0.0, "marginal", "subtract"),  # SLA-1: k_l = 0
+    ((1, 2, 200, 200, 32, 32, 16), 0.15, 0.2, "marginal", "subtract"),  # three classes
+    ((2, 1, 192, 192, 16, 16, 16), 0.2, 0.1, "marginal", "subtract"),  # L % block = 0
+    ((1, 2, 100, 100, 32, 16, 32), 0.5, 0.25, "marginal", "add"),
+    ((1, 1, 300, 300, 64, 128, 64), 0.2, 0.2, "marginal", "subtract"),  # 128 x 64 blocks
+    ((1, 1, 300, 300, 64, 128, 64), 0.2, 0.0, "all", "all"),
+    ((1, 1, 256, 256, 64, 128, 64), 0.25, 0.0, "none", "none"),
+)
+
+
+@pytest.mark.parametrize("fuse_linear", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p[4]}-{p[0][2]}-blk{p[0][5]}x{p[0][6]}")
+def test_every_linear_path_matches_reference(path, dtype, fuse_linear):
+    """Both layouts of the forward: the linear branch in a kernel of its own (the default)
+    and fused into the sparse kernel (critical states subtracted inside its loop)."""
+    shape, k_h, k_l, linear, mode = path
+    case = Case(shape, k_h, k_l, "softmax", linear, dtype)
+    q, k, v, mask, grads = _inputs(case, seed=5)
+    assert sla_triton_module.plan_summary(q, k, mask, linear=linear)["lin_mode"] == mode
+    (ref_s, ref_l), ref_grads = _reference(q, k, v, mask, grads, case.phi, linear)
+    (o_s, o_l), got_grads = _triton(q, k, v, mask, grads, case.phi, linear, fuse_linear=fuse_linear)
+    _assert_close("o_s", o_s, ref_s, dtype)
+    _assert_close("o_l", o_l, ref_l, dtype)
+    for name, got, ref in zip(("dq", "dk", "dv"), got_grads, ref_grads, strict=True):
+        _assert_close(name, got, ref, dtype)
+
+
+@pytest.mark.parametrize("fuse_linear", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("path", PATHS[1::2], ids=lambda p: p[4])
+def test_inference_path_matches_training_path(path, fuse_linear):
+    """Without requires_grad nothing is saved for a backward; the outputs must not change."""
+    shape, k_h, k_l, linear, _ = path
+    case = Case(shape, k_h, k_l, "softmax", linear, torch.float32)
     q, k, v, mask, _ = _inputs(case, seed=2)
+    kw = dict(linear=linear, fuse_linear=fuse_linear)
     with torch.no_grad():
-        plain = sla_triton(q, k, v, mask)
-    trained = sla_triton(*(t.clone().requires_grad_() for t in (q, k, v)), mask)
+        plain = sla_triton(q, k, v, mask, **kw)
+    trained = sla_triton(*(t.clone().requires_grad_() for t in (q, k, v)), mask, **kw)
     for a, b in zip(plain, trained, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
-    ("k_h", "k_l", "mode", "n_lin"),
+    ("k_h", "k_l", "linear", "mode", "n_lin"),
     [
-        (0.1, 0.0, "subtract", 1),  # 1 non-marginal of 5 blocks: H_tot - h_crit
-        (0.3, 0.3, "add", 2),  # 3 non-marginal, 2 marginal: add the marginal two
-        (0.0, 0.0, "subtract", 0),  # everything marginal: H_tot itself
-        (0.25, 0.75, "none", 0),  # no marginal block: O_l = 0 exactly, nothing to compute
+        # 5 key blocks per row. Subtract: H_tot minus the critical blocks (inside the sparse
+        # loop) and the negligible ones (the list); add: the marginal blocks from zero.
+        (0.1, 0.0, "marginal", "subtract", 0),  # 1 critical, 4 marginal: the SLA-1 form
+        (0.2, 0.2, "marginal", "subtract", 1),  # 1 + 1 non-marginal, 3 marginal
+        (0.3, 0.3, "marginal", "add", 2),  # 2 + 1 non-marginal, 2 marginal: add those two
+        (0.2, 0.4, "marginal", "add", 2),  # 1 + 2 non-marginal, 2 marginal
+        (0.0, 0.0, "marginal", "subtract", 0),  # everything marginal: H_tot itself
+        (0.25, 0.75, "marginal", "none", 0),  # no marginal block: O_l = 0 exactly
+        (0.3, 0.3, "all", "all", 0),  # the main form: H_tot, no list
+        (0.3, 0.0, "none", "none", 0),
     ],
 )
-def test_pre_aggregation_walks_the_shorter_list(k_h, k_l, mode, n_lin):
+def test_pre_aggregation_walks_the_shorter_list(k_h, k_l, linear, mode, n_lin):
     q = torch.randn(1, 2, 75, 16)
     mask = classify_blocks(q, q, block_q=16, block_kv=16, k_h=k_h, k_l=k_l)
-    plan = sla_triton_module._make_plan(q, q, mask, "softmax", "marginal")
-    expected = {
-        "add": sla_triton_module.LIN_ADD,
-        "subtract": sla_triton_module.LIN_SUBTRACT,
-        "none": sla_triton_module.LIN_NONE,
-    }
-    assert plan.lin_mode == expected[mode]
+    plan = sla_triton_module._make_plan(q, q, mask, "softmax", linear)
+    assert sla_triton_module.LIN_MODE_NAMES[plan.lin_mode] == mode
     assert plan.lin_lut.shape == (2, 5, n_lin)
-    # The LUT of a row lists its marginal blocks (add) or its other blocks (subtract).
+    assert sla_triton_module.plan_summary(q, q, mask, linear=linear) == {
+        "lin_mode": mode,
+        "n_critical": mask.n_critical,
+        "n_linear": n_lin,
+    }
+    # The list of a row holds its marginal blocks (add) or its negligible ones (subtract).
+    listed_class = {"add": MARGINAL, "subtract": NEGLIGIBLE}.get(mode)
     rows = zip(plan.lin_lut.reshape(10, n_lin).tolist(), mask.classes.reshape(10, 5), strict=True)
     for listed, row_classes in rows:
         assert listed == sorted(listed)
-        is_marginal = row_classes[listed] == MARGINAL
-        assert bool(is_marginal.all()) if mode == "add" else not bool(is_marginal.any())
+        if listed_class is not None:
+            assert bool((row_classes[listed] == listed_class).all())
+    # The same plan from a mask that does not list its negligible blocks (built by hand).
+    bare = BlockMask(mask.classes, mask.critical, mask.block_q, mask.block_kv)
+    again = sla_triton_module._make_plan(q, q, bare, "softmax", linear)
+    assert again.lin_mode == plan.lin_mode and torch.equal(again.lin_lut, plan.lin_lut)
+
+
+def test_plan_is_cached_on_the_mask():
+    q = torch.randn(1, 2, 75, 16)
+    mask = classify_blocks(q, q, block_q=16, block_kv=16, k_h=0.2, k_l=0.2)
+    first = sla_triton_module._make_plan(q, q, mask, "softmax", "marginal")
+    assert sla_triton_module._make_plan(q, q, mask, "softmax", "marginal") is first
+    assert sla_triton_module._make_plan(q, q, mask, "softmax", "all") is not first
 
 
 def test_transposed_lut_lists_the_rows_of_each_column():

@@ -33,7 +33,7 @@ token, no negligible class) or "none" (sparse only).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +57,22 @@ class BlockMask:
     critical: (B, H, Nq, n_critical) int32, the critical key-block indices of each
               query-block row in ascending order (the lookup table the sparse
               kernel walks). Every row has the same count.
+    negligible: (B, H, Nq, n_negligible) int32, the negligible key blocks of each row
+              in ascending order, when every row has the same count (`classify_blocks`
+              always); None for a hand-built mask, whose lists the kernels then derive
+              from `classes` (one device sync to check them).
+
+    The Triton kernels cache their launch plan in `plans` (keyed by shapes, device and
+    form), so a mask reused across calls is planned once: do not modify its tensors
+    in place after a call.
     """
 
     classes: torch.Tensor
     critical: torch.Tensor
     block_q: int
     block_kv: int
+    negligible: torch.Tensor | None = None
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_critical(self) -> int:
@@ -230,7 +240,14 @@ def classify_blocks(
     classes[rank < n_critical] = CRITICAL
     classes[rank >= num_kv_blocks - n_negligible] = NEGLIGIBLE
     critical = order[..., :n_critical].sort(dim=-1).values.to(torch.int32)
-    return BlockMask(classes=classes, critical=critical, block_q=block_q, block_kv=block_kv)
+    negligible = order[..., num_kv_blocks - n_negligible :].sort(dim=-1).values.to(torch.int32)
+    return BlockMask(
+        classes=classes,
+        critical=critical,
+        block_q=block_q,
+        block_kv=block_kv,
+        negligible=negligible,
+    )
 
 
 def _token_masks(mask: BlockMask, len_q: int, len_k: int, linear: str):
