@@ -2,25 +2,38 @@
 
 The paper's kernel benchmark (arXiv 2509.24006, Fig. 6): B 2, H 16, D 128, L 32760,
 bf16, 95 % sparsity; metric = dense attention FLOPs / time, 4 B H L^2 D (x2.5 for the
-backward: 2 for the gradients, 0.5 for recomputing P). Here also sweeps over L and
-sparsity; at the paper's point, the other forms of the linear branch (`forms`: by
-default the official main branch's linear attention over all tokens, and sparse
-attention alone, which bounds what the linear branch may cost); and for every SLA
-configuration the max error of its outputs (forward rows) or
-gradients (backward rows) against `sla_blockwise` on one head, so a GPU run proves the
-kernels right at scale too.
+backward: 2 for the gradients, 0.5 for recomputing P). Points, most important first
+(a run with a deadline skips from the end): the paper's point in every form of the
+linear branch (the paper's `linear`/`k_l`, then each of `forms`: by default the
+official main branch's linear attention over all tokens, and sparse attention alone,
+which bounds what the linear branch may cost) at every one of `block_shapes`; then the
+sweeps over L and over sparsity at (`block_q`, `block_kv`).
+
+Rows per point: "sla" forward (training: saves what the backward needs), backward
+(alone) and inference (forward under torch.no_grad, inputs not requiring grad: the
+kernels' inference-only path); "classify", the block mask's prediction
+(`classify_blocks`, plus the kernel's `plan_summary` once it exists), left out of the
+"sla" times as in the paper's benchmark; and once per shape the baselines: SDPA flash
+(forward, backward, inference) and dense attention (forward, backward). Inference rows
+count the forward's FLOPs. `lin_mode` is how the kernel aggregates the linear branch
+("none", "add", "subtract", "all"; from `plan_summary`, "" where unknown). For every
+SLA configuration, the max error of its outputs (forward, inference rows) or gradients
+(backward rows) against `sla_blockwise` on one head, so a GPU run proves the kernels
+right at scale too.
 
     python -m repro.sla.kernel_bench --out results/sla_kernel.csv --threads 4 \
         --params '{"seq_lens": [8192, 32760], "sparsities": [0.9, 0.95], "repeats": 10}'
 
 Sparsity = 1 - the fraction of critical blocks actually selected (k_h = 1 - sparsity
 requested, rounded up to whole blocks per row), at the paper's k_l = 10 % negligible;
-the rest is marginal (linear attention). Timed: `sla_triton` with a ready block mask
-(the compressed-map prediction `classify_blocks` is left out, as in the paper's
-benchmark; lookup-table building is in). Backward rows time the backward alone.
+the rest is marginal (linear attention). Timed: CUDA events, the median of `repeats`
+after `warmup` calls, on the same inputs every time (GB-sized at the paper's point, so
+no cache stays warm across calls). Lookup-table building is in the "sla" times.
 
 Without CUDA every row is written with status "skipped" and the reason, so the
 workflow completes on a CPU. Nothing here is asserted: the numbers are measurements.
+The device machine runs this through `repro.sla.kernel_device` (no Snakemake, MLflow or
+accelerate there): only `main` needs the stage machinery, so it imports it itself.
 """
 
 from __future__ import annotations
@@ -35,7 +48,6 @@ import torch.nn.functional as F
 
 from repro.core.errors import ReproInputError
 from repro.core.results import write_table
-from repro.core.stage import Stage, describe_device, run
 from repro.kernels.sla_reference import block_counts
 
 COLUMNS = [
@@ -60,12 +72,26 @@ COLUMNS = [
     "k_l",
     "phi",
     "linear",
+    "lin_mode",
+    "fuse_linear",
 ]
-KERNELS = ("sla", "sdpa_flash", "dense")
+PASSES = ("forward", "backward", "inference")
+# The passes of each kernel's rows, in table order. "classify" is the block mask's
+# prediction (no gradient); dense attention's inference would only repeat its forward.
+KERNEL_PASSES = {
+    "sdpa_flash": PASSES,
+    "dense": ("forward", "backward"),
+    "sla": PASSES,
+    "classify": ("forward",),
+}
+KERNELS = tuple(KERNEL_PASSES)
+BASELINES = ("sdpa_flash", "dense")  # timed once per shape
+SLA_KERNELS = ("sla", "classify")  # timed at every point; the rows carry its SLA settings
 SHAPE_KEYS = ("batch", "heads", "seq_len", "head_dim", "dtype")  # what the baselines depend on
-PASSES = ("forward", "backward")
 LINEAR_FORMS = ("marginal", "all", "none")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEADLINE_REASON = "device time budget (deadline)"
 # The device type whose timings mean something (CUDA events, the compiled Triton kernels);
 # elsewhere the same code runs under TRITON_INTERPRET=1 as a check, not a measurement.
 TIMED_ON = "cuda"
@@ -81,8 +107,9 @@ DEFAULTS = {
     "seq_lens": [4096, 8192, 16384, 32760],
     "sparsities": [0.75, 0.9, 0.95, 0.975],
     "k_l": 0.10,
-    "block_q": 64,
+    "block_q": 64,  # the L and sparsity sweeps' block shape (the one measured on the H200)
     "block_kv": 64,
+    "block_shapes": [[64, 64], [128, 64]],  # [block_q, block_kv], all timed at the paper's point
     "phi": "softmax",
     "linear": "marginal",
     # More forms timed at the paper's point only: (linear, k_l) pairs.
@@ -107,10 +134,18 @@ def resolve_params(params: dict) -> dict:
     for key in ("repeats", "warmup", "check_heads"):
         if int(p[key]) < (1 if key != "warmup" else 0):
             raise ReproInputError(f"params.{key}={p[key]!r} is too small")
+    _check_blocks(p)
     forms = p["forms"]
     for i, form in enumerate(forms):
-        if not isinstance(form, dict) or set(form) != {"linear", "k_l"}:
-            raise ReproInputError(f"params.forms[{i}]: {form!r} is not {{linear, k_l}}")
+        if (
+            not isinstance(form, dict)
+            or not {"linear", "k_l"} <= set(form) <= {"linear", "k_l", "fuse_linear"}
+            or not isinstance(form.get("fuse_linear", False), bool)
+        ):
+            raise ReproInputError(
+                f"params.forms[{i}]: {form!r} is not {{linear, k_l}} (+ optional boolean "
+                "fuse_linear)"
+            )
         if form["linear"] not in LINEAR_FORMS:
             raise ReproInputError(
                 f"params.forms[{i}].linear: {form['linear']!r} is not one of {LINEAR_FORMS}"
@@ -125,27 +160,69 @@ def resolve_params(params: dict) -> dict:
     return p
 
 
-def points(p: dict) -> list[dict]:
-    """The SLA configurations: the paper's point, the L sweep, the sparsity sweep, the forms.
+def _check_blocks(p: dict) -> None:
+    for key in ("block_q", "block_kv"):
+        if p[key] not in BLOCK_SIZES or isinstance(p[key], bool):
+            raise ReproInputError(f"params.{key}: {p[key]!r} is not one of {BLOCK_SIZES}")
+    if not p["block_shapes"]:
+        raise ReproInputError("params.block_shapes: give at least one [block_q, block_kv]")
+    for i, shape in enumerate(p["block_shapes"]):
+        if (
+            not isinstance(shape, list | tuple)
+            or len(shape) != 2
+            or any(b not in BLOCK_SIZES or isinstance(b, bool) for b in shape)
+        ):
+            raise ReproInputError(
+                f"params.block_shapes[{i}]: {shape!r} is not a [block_q, block_kv] pair "
+                f"of {BLOCK_SIZES}"
+            )
 
-    Each carries its linear form and k_l, and the sparsity actually obtained:
-    classify_blocks takes ceil(k_h N) critical blocks of the N per row (`block_counts`).
+
+def points(p: dict) -> list[dict]:
+    """The SLA configurations, most important first.
+
+    The paper's point in every form (the paper's own, then `forms`) at every block
+    shape; then the L sweep and the sparsity sweep at (block_q, block_kv); each in
+    every dtype. Each carries its linear form, k_l, block shape and the sparsity
+    actually obtained: classify_blocks takes ceil(k_h N) critical blocks of the N per
+    row (`block_counts`).
     """
     keys = ("batch", "heads", "head_dim", "seq_len", "sparsity", "linear", "k_l")
-    base = {k: p[k] for k in keys}
+    base = {**{k: p[k] for k in keys}, "fuse_linear": False}
+    sweep_blocks = {"block_q": p["block_q"], "block_kv": p["block_kv"]}
+    candidates = [
+        {**base, **form, "block_q": bq, "block_kv": bkv}
+        for form in [{"linear": p["linear"], "k_l": p["k_l"]}, *p["forms"]]
+        for bq, bkv in p["block_shapes"]
+    ]
+    candidates += [{**base, **sweep_blocks, "seq_len": n} for n in p["seq_lens"]]
+    candidates += [{**base, **sweep_blocks, "sparsity": s} for s in p["sparsities"]]
     out = []
-    for dtype in p["dtypes"]:
-        candidates = [base]
-        candidates += [{**base, "seq_len": n} for n in p["seq_lens"]]
-        candidates += [{**base, "sparsity": s} for s in p["sparsities"]]
-        candidates += [{**base, **form} for form in p["forms"]]
-        for c in candidates:
-            n_blocks = -(-c["seq_len"] // p["block_kv"])
-            n_critical, _ = block_counts(n_blocks, 1.0 - c["sparsity"], c["k_l"])
+    for c in candidates:
+        n_blocks = -(-c["seq_len"] // c["block_kv"])
+        n_critical, _ = block_counts(n_blocks, 1.0 - c["sparsity"], c["k_l"])
+        for dtype in p["dtypes"]:
             point = {**c, "dtype": dtype, "actual_sparsity": round(1 - n_critical / n_blocks, 6)}
             if point not in out:
                 out.append(point)
     return out
+
+
+def _shape_key(point: dict) -> tuple:
+    return tuple(point[k] for k in SHAPE_KEYS)
+
+
+def describe(device: torch.device) -> str:
+    """`device` as the table names it: cpu, or cuda:0 (NVIDIA H200) for a GPU.
+
+    repro.core.stage.describe_device's format, kept here so that the device machine
+    (no accelerate, hence no repro.core.stage) can run this module.
+    """
+    name = getattr(getattr(torch, device.type, None), "get_device_name", None)
+    return f"{device} ({name(device)})" if name is not None else str(device)
+
+
+# ---------------------------------------------------------------------------- timing
 
 
 def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
@@ -168,6 +245,35 @@ def _time_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _measure(forward, inputs, passes, repeats, warmup) -> list[float]:
+    """The ms of each of `passes` of forward(*inputs) -> output(s), in the order given.
+
+    forward: with the inputs requiring grad (what the backward needs is saved);
+    backward: the backward alone; inference: under torch.no_grad, on detached inputs.
+    """
+    device = inputs[0].device
+    times = {"forward": _time_ms(lambda: forward(*inputs), repeats, warmup, device)}
+    if "inference" in passes:
+        plain = [t.detach() for t in inputs]
+
+        def inference():
+            with torch.no_grad():
+                forward(*plain)
+
+        times["inference"] = _time_ms(inference, repeats, warmup, device)
+    if "backward" in passes:
+        outs = forward(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        outs = [o for o in outs if o.requires_grad]  # a constant output has no backward
+        grads = [torch.randn_like(o) for o in outs]
+
+        def backward():
+            torch.autograd.grad(outs, inputs, grads, retain_graph=True)
+
+        times["backward"] = _time_ms(backward, repeats, warmup, device)
+    return [times[ps] for ps in passes]
+
+
 def _dense_flops(batch, heads, seq_len, head_dim, pass_name) -> float:
     flops = 4.0 * batch * heads * seq_len**2 * head_dim
     return flops * (2.5 if pass_name == "backward" else 1.0)
@@ -185,40 +291,31 @@ def _dense(q, k, v):
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _measure(forward, inputs, repeats, warmup):
-    """(forward ms, backward ms) of forward(*inputs) -> tuple of outputs."""
-    device = inputs[0].device
-    fwd_ms = _time_ms(lambda: forward(*inputs), repeats, warmup, device)
-    outs = forward(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    outs = [o for o in outs if o.requires_grad]  # a constant output has no backward
-    grads = [torch.randn_like(o) for o in outs]
-
-    def backward():
-        torch.autograd.grad(outs, inputs, grads, retain_graph=True)
-
-    bwd_ms = _time_ms(backward, repeats, warmup, device)
-    return fwd_ms, bwd_ms
+def _max_err(got, ref) -> float:
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref, strict=True))
 
 
-def _check_against_blockwise(q, k, v, mask, p, linear: str) -> tuple[float, float]:
-    """Max |SLA - sla_blockwise| of the outputs and of the gradients, on a few heads."""
-    from repro.kernels.sla_reference import BlockMask, sla_blockwise
+def _check_against_blockwise(q, k, v, point: dict, p: dict) -> dict[str, float]:
+    """Max |SLA - sla_blockwise| per pass on the first `check_heads` heads of batch 0:
+    outputs (forward: the training path; inference: the no-grad path) and gradients."""
+    from repro.kernels.sla_reference import classify_blocks, sla_blockwise
     from repro.kernels.sla_triton import sla_triton
 
     heads = slice(0, p["check_heads"])
-    sub = BlockMask(
-        classes=mask.classes[:1, heads].contiguous(),
-        critical=mask.critical[:1, heads].contiguous(),
-        block_q=mask.block_q,
-        block_kv=mask.block_kv,
-    )
     leaves = [t[:1, heads].detach().clone().requires_grad_() for t in (q, k, v)]
     ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
-    kw = dict(phi=p["phi"], linear=linear)
-    outs = sla_triton(*leaves, sub, **kw)
-    refs = sla_blockwise(*ref_leaves, sub, **kw)
-    out_err = max((a.float() - b).abs().max().item() for a, b in zip(outs, refs, strict=True))
+    # The mask is opaque (the kernel side may precompute fields in it): classify the
+    # slice again rather than slicing the mask; the classes are per head, so the same.
+    mask = classify_blocks(
+        leaves[0].detach(), leaves[1].detach(), block_q=point["block_q"],
+        block_kv=point["block_kv"], k_h=1.0 - point["sparsity"], k_l=point["k_l"],
+    )  # fmt: skip
+    kw = dict(phi=p["phi"], linear=point["linear"])
+    fuse = dict(fuse_linear=point["fuse_linear"])
+    outs = sla_triton(*leaves, mask, **kw, **fuse)
+    with torch.no_grad():
+        plain = sla_triton(*(t.detach() for t in leaves), mask, **kw, **fuse)
+    refs = sla_blockwise(*ref_leaves, mask, **kw)
     # The same upstream gradients on both sides; an output outside the graph (the
     # reference's constant O_l under linear="none") contributes nothing.
     up = [torch.randn_like(o) for o in outs]
@@ -230,14 +327,18 @@ def _check_against_blockwise(q, k, v, mask, p, linear: str) -> tuple[float, floa
     ref_grads = [
         torch.zeros_like(x) if g is None else g for g, x in zip(ref_grads, ref_leaves, strict=True)
     ]
-    grad_err = max(
-        (a.float() - b).abs().max().item() for a, b in zip(grads, ref_grads, strict=True)
-    )
-    return out_err, grad_err
+    return {
+        "forward": _max_err(outs, refs),
+        "backward": _max_err(grads, ref_grads),
+        "inference": _max_err(plain, refs),
+    }
+
+
+# ---------------------------------------------------------------------------- rows
 
 
 def _row(kernel, pass_name, point, p, **values):
-    sla = kernel == "sla"
+    sla = kernel in SLA_KERNELS
     row = dict(
         kernel=kernel,
         batch=point["batch"],
@@ -246,8 +347,8 @@ def _row(kernel, pass_name, point, p, **values):
         head_dim=point["head_dim"],
         dtype=point["dtype"],
         sparsity=point["actual_sparsity"] if sla else 0.0,
-        block_q=p["block_q"] if sla else math.nan,
-        block_kv=p["block_kv"] if sla else math.nan,
+        block_q=point["block_q"] if sla else math.nan,
+        block_kv=point["block_kv"] if sla else math.nan,
         time_ms=math.nan,
         tflops_metric=math.nan,
         speedup_vs_sdpa_flash=math.nan,
@@ -259,116 +360,198 @@ def _row(kernel, pass_name, point, p, **values):
         k_l=point["k_l"] if sla else math.nan,
         phi=p["phi"] if sla else "",
         linear=point["linear"] if sla else "",
+        fuse_linear=point["fuse_linear"] if sla else "",
+        lin_mode="",
     )
     row["pass"] = pass_name
     row.update(values)
     return row
 
 
+def _skipped(kernels, point, p, **values) -> list[dict]:
+    """Every row of `kernels` at `point`, status skipped (with `values`: reason, device)."""
+    return [_row(kn, ps, point, p, **values) for kn in kernels for ps in KERNEL_PASSES[kn]]
+
+
+def _point_skipped(point, p, shapes: set, **values) -> list[dict]:
+    """The rows `point` adds to the table (its shape's baselines the first time the shape
+    comes up, recorded in `shapes`), every one skipped."""
+    kernels = SLA_KERNELS
+    if _shape_key(point) not in shapes:
+        shapes.add(_shape_key(point))
+        kernels = BASELINES + SLA_KERNELS
+    return _skipped(kernels, point, p, **values)
+
+
 def skipped_rows(p: dict, reason: str, device: str = "") -> list[dict]:
     """The table a CUDA run would write, every row marked skipped with `reason` on `device`."""
-    rows, shapes = [], []
+    rows, shapes = [], set()
     for point in points(p):
-        shape = {k: point[k] for k in SHAPE_KEYS}
-        kw = dict(reason=reason, device=device)
-        if shape not in shapes:
-            shapes.append(shape)
-            for kernel in ("sdpa_flash", "dense"):
-                rows += [_row(kernel, ps, point, p, **kw) for ps in PASSES]
-        rows += [_row("sla", ps, point, p, **kw) for ps in PASSES]
+        rows += _point_skipped(point, p, shapes, reason=reason, device=device)
     return rows
 
 
-def run_timed(p: dict, device: str | torch.device) -> list[dict]:
-    """Time every point on `device`: a CUDA device for the real table; the CPU runs the
-    same code under TRITON_INTERPRET=1 at toy shapes, which is how the tests check this path."""
-    from repro.kernels.sla_reference import classify_blocks
-    from repro.kernels.sla_triton import sla_triton
-
-    on = torch.device(device)
-    device = describe_device(on) if on.type == TIMED_ON else f"{on.type} (not a timing)"
-    reps, warm = int(p["repeats"]), int(p["warmup"])
-    rows, baseline = [], {}  # baseline[(shape key, pass)] = sdpa flash ms
-    for point in points(p):
-        b, h, n, d = point["batch"], point["heads"], point["seq_len"], point["head_dim"]
-        dtype = DTYPES[point["dtype"]]
-        gen = torch.Generator(device=on).manual_seed(int(p["seed"]))
-        q, k, v = (
-            torch.randn(b, h, n, d, device=on, dtype=dtype, generator=gen).requires_grad_()
-            for _ in range(3)
-        )
-        shape_key = (b, h, n, d, point["dtype"])
-
-        if (shape_key, "forward") not in baseline:  # dense baselines once per shape
-            for kernel, fn in (("sdpa_flash", _sdpa_flash), ("dense", _dense)):
-                scores_gb = b * h * n * n * 4 / 2**30
-                if kernel == "dense" and scores_gb > p["dense_max_gb"]:
-                    reason = f"the L x L scores need {scores_gb:.0f} GB > dense_max_gb"
-                    rows += [
-                        _row(kernel, ps, point, p, reason=reason, device=device) for ps in PASSES
-                    ]
-                    continue
-                try:
-                    times = _measure(fn, (q, k, v), reps, warm)
-                except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-                    reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                    rows += [
-                        _row(kernel, ps, point, p, reason=reason, device=device) for ps in PASSES
-                    ]
-                    torch.cuda.empty_cache()
-                    continue
-                for ps, ms in zip(PASSES, times, strict=True):
-                    if kernel == "sdpa_flash":
-                        baseline[(shape_key, ps)] = ms
-                    rows.append(_timed_row(kernel, ps, point, p, ms, baseline, shape_key, device))
-
-        mask = classify_blocks(
-            q.detach(), k.detach(), block_q=p["block_q"], block_kv=p["block_kv"],
-            k_h=1.0 - point["sparsity"], k_l=point["k_l"],
-        )  # fmt: skip
-        linear = point["linear"]
-
-        def sla(q, k, v, mask=mask, linear=linear):
-            return sla_triton(q, k, v, mask, phi=p["phi"], linear=linear)
-
-        try:
-            times = _measure(sla, (q, k, v), reps, warm)
-            errors = (
-                _check_against_blockwise(q, k, v, mask, p, linear)
-                if p["check"]
-                else (math.nan,) * 2
-            )
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows += [_row("sla", ps, point, p, reason=reason, device=device) for ps in PASSES]
-            torch.cuda.empty_cache()
-            continue
-        for ps, ms, err in zip(PASSES, times, errors, strict=True):
-            row = _timed_row("sla", ps, point, p, ms, baseline, shape_key, device)
-            rows.append({**row, "max_abs_err": err})
-        print(
-            f"L={n} sparsity={point['actual_sparsity']:.3f} linear={linear} "
-            f"k_l={point['k_l']} {point['dtype']}: "
-            f"SLA fwd {times[0]:.2f} ms, bwd {times[1]:.2f} ms; "
-            f"SDPA flash fwd {baseline.get((shape_key, 'forward'), math.nan):.2f} ms, "
-            f"bwd {baseline.get((shape_key, 'backward'), math.nan):.2f} ms; "
-            f"max err out {errors[0]:.2e}, grad {errors[1]:.2e}",
-            flush=True,
-        )
-    return rows
-
-
-def _timed_row(kernel, ps, point, p, ms, baseline, shape_key, device):
+def _timed_row(kernel, ps, point, p, ms, baseline, **values):
     flops = _dense_flops(point["batch"], point["heads"], point["seq_len"], point["head_dim"], ps)
-    ref = baseline.get((shape_key, ps), math.nan)
+    ref = baseline.get((_shape_key(point), ps), math.nan)
     return _row(
         kernel, ps, point, p,
         time_ms=ms, tflops_metric=flops / (ms * 1e-3) / 1e12, speedup_vs_sdpa_flash=ref / ms,
-        status="ok", device=device,
+        status="ok", **values,
     )  # fmt: skip
 
 
+def describe_failure(err: BaseException) -> str:
+    """The exception as a row's reason: its type and first line."""
+    first = (str(err).splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_timed(p: dict, device: str | torch.device, deadline: float | None = None) -> list[dict]:
+    """Time every point on `device`: a CUDA device for the real table; the CPU runs the
+    same code under TRITON_INTERPRET=1 at toy shapes, which is how the tests check this path.
+
+    deadline: a time.monotonic() value; the points not started by then are written
+    skipped, with reason DEADLINE_REASON (the points come most important first).
+    """
+    on = torch.device(device)
+    label = describe(on) if on.type == TIMED_ON else f"{on.type} (not a timing)"
+    rows, shapes, baseline = [], set(), {}  # baseline[(shape key, pass)] = sdpa flash ms
+    for point in points(p):
+        if deadline is not None and time.monotonic() > deadline:
+            rows += _point_skipped(point, p, shapes, reason=DEADLINE_REASON, device=label)
+            continue
+        q, k, v = _inputs(point, p, on)
+        if _shape_key(point) not in shapes:
+            shapes.add(_shape_key(point))
+            rows += _time_baselines(q, k, v, point, p, baseline, label)
+        rows += _time_sla(q, k, v, point, p, baseline, label)
+        del q, k, v
+        _release_memory()
+    return rows
+
+
+def _inputs(point: dict, p: dict, device: torch.device):
+    """q, k, v of `point`, standard normal from `seed`, requiring grad."""
+    shape = (point["batch"], point["heads"], point["seq_len"], point["head_dim"])
+    gen = torch.Generator(device=device).manual_seed(int(p["seed"]))
+    dtype = DTYPES[point["dtype"]]
+    return [
+        torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def _time_baselines(q, k, v, point, p, baseline: dict, device: str) -> list[dict]:
+    """SDPA flash's and dense attention's rows at the point's shape; SDPA's times go to
+    `baseline` for the speed-ups."""
+    rows = []
+    b, h, n = point["batch"], point["heads"], point["seq_len"]
+    for kernel, fn in (("sdpa_flash", _sdpa_flash), ("dense", _dense)):
+        passes = KERNEL_PASSES[kernel]
+        scores_gb = b * h * n * n * 4 / 2**30
+        if kernel == "dense" and scores_gb > p["dense_max_gb"]:
+            reason = f"the L x L scores need {scores_gb:.0f} GB > dense_max_gb"
+            rows += _skipped([kernel], point, p, reason=reason, device=device)
+            continue
+        try:
+            times = _measure(fn, (q, k, v), passes, int(p["repeats"]), int(p["warmup"]))
+        except Exception as err:  # recorded in the row: one failure must not end the run
+            rows += _skipped([kernel], point, p, reason=describe_failure(err), device=device)
+            _release_memory()
+            continue
+        for ps, ms in zip(passes, times, strict=True):
+            if kernel == "sdpa_flash":
+                baseline[(_shape_key(point), ps)] = ms
+            rows.append(_timed_row(kernel, ps, point, p, ms, baseline, device=device))
+    return rows
+
+
+def _time_sla(q, k, v, point, p, baseline: dict, device: str) -> list[dict]:
+    """The "sla" rows (every pass, with its error against sla_blockwise) and the
+    "classify" row of one point."""
+    from repro.kernels import sla_triton as kernels
+    from repro.kernels.sla_reference import classify_blocks
+
+    plan_summary = getattr(kernels, "plan_summary", None)  # the kernel side's, once it exists
+    reps, warm = int(p["repeats"]), int(p["warmup"])
+    phi, linear, fuse_linear = p["phi"], point["linear"], point["fuse_linear"]
+    qd, kd = q.detach(), k.detach()
+
+    def classify():
+        mask = classify_blocks(
+            qd, kd, block_q=point["block_q"], block_kv=point["block_kv"],
+            k_h=1.0 - point["sparsity"], k_l=point["k_l"],
+        )  # fmt: skip
+        summary = (
+            plan_summary(qd, kd, mask, phi=phi, linear=linear, fuse_linear=fuse_linear)
+            if plan_summary
+            else {}
+        )
+        return mask, summary
+
+    try:
+        classify_ms = _time_ms(classify, reps, warm, q.device)
+        mask, summary = classify()
+
+        def sla(q, k, v):
+            return kernels.sla_triton(
+                q, k, v, mask, phi=phi, linear=linear, fuse_linear=fuse_linear
+            )
+
+        times = _measure(sla, (q, k, v), PASSES, reps, warm)
+        errors = _check_against_blockwise(q, k, v, point, p) if p["check"] else {}
+    except Exception as err:  # recorded in the rows: one failure must not end the run
+        print(f"{_point_name(point)}: {describe_failure(err)}", flush=True)
+        _release_memory()
+        return _skipped(SLA_KERNELS, point, p, reason=describe_failure(err), device=device)
+
+    lin_mode = str(summary.get("lin_mode", ""))
+    values = dict(device=device, lin_mode=lin_mode)
+    rows = [
+        _timed_row(
+            "sla", ps, point, p, ms, baseline, max_abs_err=errors.get(ps, math.nan), **values
+        )
+        for ps, ms in zip(PASSES, times, strict=True)
+    ]
+    classify_row = _row("classify", "forward", point, p, time_ms=classify_ms, status="ok", **values)
+    _print_point(point, rows, classify_row, summary)
+    return [*rows, classify_row]
+
+
+def _point_name(point: dict) -> str:
+    return (
+        f"L={point['seq_len']} sparsity={point['actual_sparsity']:.3f} "
+        f"linear={point['linear']}{' fused' if point['fuse_linear'] else ''} k_l={point['k_l']} "
+        f"block={point['block_q']}x{point['block_kv']} {point['dtype']}"
+    )
+
+
+def _print_point(point, rows, classify_row, summary) -> None:
+    parts = [
+        f"{r['pass']} {r['time_ms']:.3f} ms (x{r['speedup_vs_sdpa_flash']:.2f}, "
+        f"err {r['max_abs_err']:.1e})"
+        for r in rows
+    ]
+    plan = ", ".join(f"{key} {value}" for key, value in summary.items())
+    print(
+        f"{_point_name(point)}: SLA {'; '.join(parts)}; "
+        f"classify {classify_row['time_ms']:.3f} ms{'; plan ' + plan if plan else ''}",
+        flush=True,
+    )
+
+
 def main(argv=None) -> None:
+    from repro.core.stage import Stage
+
     stage = Stage(__doc__, paper="sla", out="CSV to write (atomically)")
     stage.start(argv)
     p = resolve_params(stage.params)
@@ -380,10 +563,12 @@ def main(argv=None) -> None:
             if torch.cuda.is_available()
             else "no CUDA device"
         )
-        rows = skipped_rows(p, reason, describe_device(stage.device))
+        rows = skipped_rows(p, reason, describe(stage.device))
         print(f"{reason}: writing {len(rows)} rows marked skipped")
     write_table(pd.DataFrame(rows, columns=COLUMNS), stage.args.out)
 
 
 if __name__ == "__main__":
+    from repro.core.stage import run
+
     run(main)
