@@ -68,8 +68,7 @@ def _variants(name: str, head_dim: int, block_q: int, block_kv: int) -> list[tup
                                        HAS_DOS=True, HAS_DOL=True, ROW_STATE=True,
                                        EVEN_K=False, LIN_PREC="tf32", **BF16_DOTS))]  # fmt: skip
     if name == "dkdv":
-        return [("sparse", dict(**shape, BLOCK_M=block_q, SUB_M=block_q, BLOCK_N=block_kv,
-                                **BF16_DOTS))]  # fmt: skip
+        return [("sparse", dict(**shape, BLOCK_M=block_q, BLOCK_N=block_kv, **BF16_DOTS))]
     if name == "dkdv_linear":
         return [("subtract", dict(**shape, BLOCK_N=block_kv, PHI_ID=0,
                                   LIN_MODE=kernels.LIN_SUBTRACT, ACCUMULATE=True,

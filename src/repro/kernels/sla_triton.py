@@ -618,7 +618,7 @@ def _sla_bwd_dkdv_kernel(
     CRIT_T_OFF, CRIT_T_IDX,       # CSR: query blocks for which key block j is critical
     sm_scale, len_q, len_k, n_k_blocks, n_crit_entries,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    SUB_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # The linear part is a kernel of its own (below): together the two held too many
@@ -626,7 +626,7 @@ def _sla_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, SUB_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < len_k
     d_valid = offs_d < HEAD_DIM
@@ -646,23 +646,20 @@ def _sla_bwd_dkdv_kernel(
     start = tl.load(CRIT_T_OFF + csr)
     end = tl.load(CRIT_T_OFF + csr + 1)
     for t in tl.range(start, end):
-        block_m = tl.load(CRIT_T_IDX + bh * n_crit_entries + t)
-        for sub in tl.static_range(0, BLOCK_M // SUB_M):  # sub-tiles: fewer live registers
-            start_m = block_m * BLOCK_M + sub * SUB_M
-            m_valid = start_m + offs_m < len_q
-            q_tile = q_base + (start_m + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
-            q_mask = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(Q + q_tile, mask=q_mask, other=0.0)
-            do = tl.load(DOS + q_tile, mask=q_mask, other=0.0)
-            # Padded query rows: lse = +inf gives P = 0.
-            lse = tl.load(LSE + bh * len_q + start_m + offs_m, mask=m_valid, other=float("inf"))
-            delta = tl.load(DELTA_S + bh * len_q + start_m + offs_m, mask=m_valid, other=0.0)
-            s_t = _dot(k, tl.trans(q), DOT_DTYPE, UPCAST, PREC) * qk_scale
-            p_t = tl.exp2(s_t - lse[None, :])
-            dv += _dot(p_t, do, DOT_DTYPE, UPCAST, PREC)
-            dp_t = _dot(v, tl.trans(do), DOT_DTYPE, UPCAST, PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t, q, DOT_DTYPE, UPCAST, PREC)
+        start_m = tl.load(CRIT_T_IDX + bh * n_crit_entries + t) * BLOCK_M
+        m_valid = start_m + offs_m < len_q
+        q_tile = q_base + (start_m + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+        q_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + q_tile, mask=q_mask, other=0.0)
+        do = tl.load(DOS + q_tile, mask=q_mask, other=0.0)
+        # Padded query rows: lse = +inf gives P = 0.
+        lse = tl.load(LSE + bh * len_q + start_m + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA_S + bh * len_q + start_m + offs_m, mask=m_valid, other=0.0)
+        p_t = tl.exp2(_dot(k, tl.trans(q), DOT_DTYPE, UPCAST, PREC) * qk_scale - lse[None, :])
+        dv += _dot(p_t, do, DOT_DTYPE, UPCAST, PREC)
+        dp_t = _dot(v, tl.trans(do), DOT_DTYPE, UPCAST, PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t, q, DOT_DTYPE, UPCAST, PREC)
     dk *= sm_scale
 
     tl.store(DK + kv_tile, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -765,7 +762,7 @@ class _Plan:
     crit_lut: torch.Tensor  # (B*H, Nq, n_crit) int32
     lin_lut: torch.Tensor  # (B*H, Nq, n_lin) int32: negligible (SUBTRACT) or marginal (ADD)
     fuse_linear: bool = False  # the linear branch inside the sparse kernel (else its own)
-    transposed: dict = field(default_factory=dict, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)  # derived lookup tables
 
     @property
     def block_d(self) -> int:
@@ -783,25 +780,25 @@ class _Plan:
 
     def crit_transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """CSR of the query blocks for which each key block is critical (dK/dV, sparse)."""
-        if "crit" not in self.transposed:
-            self.transposed["crit"] = _transpose_lut(self.crit_lut, self.n_k_blocks)
-        return self.transposed["crit"]
+        if "crit" not in self.cache:
+            self.cache["crit"] = _transpose_lut(self.crit_lut, self.n_k_blocks)
+        return self.cache["crit"]
 
     def row_lut(self) -> torch.Tensor:
         """Every key block whose state a row adds (ADD: its marginal blocks) or subtracts
         (SUBTRACT: its critical and its negligible blocks) — the split linear kernel's list."""
-        if "rows" not in self.transposed:
+        if "rows" not in self.cache:
             lut = self.lin_lut
             if self.lin_mode == LIN_SUBTRACT:
                 lut = torch.cat([self.crit_lut, self.lin_lut], dim=-1).contiguous()
-            self.transposed["rows"] = lut
-        return self.transposed["rows"]
+            self.cache["rows"] = lut
+        return self.cache["rows"]
 
     def lin_transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """CSR of the query blocks whose linear list holds each key block (dK/dV, linear)."""
-        if "lin" not in self.transposed:
-            self.transposed["lin"] = _transpose_lut(self.row_lut(), self.n_k_blocks)
-        return self.transposed["lin"]
+        if "lin" not in self.cache:
+            self.cache["lin"] = _transpose_lut(self.row_lut(), self.n_k_blocks)
+        return self.cache["lin"]
 
 
 def _transpose_lut(lut: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1111,16 +1108,16 @@ def _backward(q, k, v, o_s, do_s, do_l, saved, plan: _Plan):
             scale, plan.len_q, plan.len_k, n_k, n_q * n_crit,
             # Whole query blocks: 64-row sub-tiles, pipelined, spilled more at 128 x 64
             # (sm_90 compile: 760 B of stack against 392 B at 8 warps).
-            HEAD_DIM=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_q, SUB_M=plan.block_q,
-            BLOCK_N=plan.block_kv, DOT_DTYPE=dot["DOT_DTYPE"], UPCAST=dot["UPCAST"], PREC=dot["PREC"],
+            HEAD_DIM=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_q, BLOCK_N=plan.block_kv, DOT_DTYPE=dot["DOT_DTYPE"], UPCAST=dot["UPCAST"], PREC=dot["PREC"],
         )  # fmt: skip
     if has_dol:
-        lin_off, lin_idx = unused, unused
+        lin_off, lin_idx, n_lin_entries = unused, unused, 0
         if plan.lin_mode in (LIN_ADD, LIN_SUBTRACT):
             lin_off, lin_idx = plan.lin_transposed()
+            n_lin_entries = lin_idx.shape[-1]
         _sla_bwd_dkdv_linear_kernel[(n_k, bh)](
             k, v, dk, dv, lin_off, lin_idx, dh_state, dz_state, dh_total, dz_total,
-            plan.len_k, n_q, n_k, lin_idx.shape[-1] if lin_idx.dim() == 2 else 0,
+            plan.len_k, n_q, n_k, n_lin_entries,
             HEAD_DIM=d, BLOCK_D=plan.block_d, BLOCK_N=plan.block_kv, PHI_ID=plan.phi_id,
             LIN_MODE=plan.lin_mode, ACCUMULATE=has_dos, LIN_PREC=dot["LIN_PREC"],
         )  # fmt: skip
