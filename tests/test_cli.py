@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,8 @@ STAGES = [
     "repro.core.classifier",
 ]
 
-# 50 rounds of a forward-like pattern (four 8-24 MB activations, then all freed);
-# prints the minor page faults the rounds cost.
+# 30 rounds of a forward-like pattern (four 8-24 MB activations, then all freed);
+# prints the minor page faults of each round.
 FAULTS = """
 import json, resource, sys, torch
 from repro.core.cli import keep_freed_memory
@@ -49,10 +50,12 @@ def step():
     return sum(x.sum() for x in xs)
 for _ in range(3):
     step()
-before = faults()
-for _ in range(50):
+rounds = []
+for _ in range(30):
+    before = faults()
     step()
-print(json.dumps({"applied": applied, "faults": faults() - before}))
+    rounds.append(faults() - before)
+print(json.dumps({"applied": applied, "rounds": rounds}))
 """
 
 
@@ -61,19 +64,29 @@ def run_faults(env_extra: dict) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["median"] = statistics.median(result["rounds"])
+    return result
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_stops_page_faults_of_a_reused_buffer():
-    tuned = run_faults({"REPRO_MALLOC_TUNING": "1"})
-    default = run_faults({"REPRO_MALLOC_TUNING": "0"})
-    assert tuned["applied"] is True
-    assert default["applied"] is False
-    # glibc's default gives (some of) the freed 56 MB back each round and faults it in
-    # again: 3,900-11,700 faults per round measured. Kept, it is reused: 0-120 per round.
-    assert default["faults"] > 50 * 1000
-    assert tuned["faults"] < 50 * 500
+    # glibc's default gives the freed 56 MB back each round and faults it in again:
+    # 11,687 faults per round measured here. Kept, it is reused: 0 per round, with an
+    # odd round of 2,000-8,000 (hence medians). Whether the default gives memory back
+    # depends on what else sits at the top of the heap: one CI run saw it fault in a
+    # single round of 50. So the default's faulting is looked for in up to three fresh
+    # processes, while the tuned run must stay quiet in every one.
+    defaults = []
+    for _ in range(3):
+        tuned = run_faults({"REPRO_MALLOC_TUNING": "1"})
+        default = run_faults({"REPRO_MALLOC_TUNING": "0"})
+        assert tuned["applied"] is True and default["applied"] is False
+        assert tuned["median"] < 500, tuned["rounds"]
+        defaults.append(default["median"])
+        if default["median"] > 5000:
+            break
+    assert max(defaults) > 5000, f"the default never faulted: medians {defaults}"
 
 
 # ----------------------------------------------------------------------------- the stage
