@@ -33,6 +33,9 @@ CLUSTER = ROOT / "scripts" / "slurm" / "cluster.sh"
 PROFILES = ["--profile", str(ROOT / "profiles/slurm"), "--profile", str(ROOT / "profiles/slurm-ci")]
 TABLE = "results/agd_fid.csv"
 SMOKE = ["--configfile", str(ROOT / "configs/smoke.yaml")]
+# The table compared locally and on Slurm: the smoke scale cut to one seed and one
+# adapter type (tests/slurm_small.yaml), so that the two runs cost minutes, not many.
+SMALL_SMOKE = [*SMOKE, str(ROOT / "tests/slurm_small.yaml")]
 # The rules that run a model ask for GPUs at paper scale (one per process); the CPU rules never do.
 # Timings: the only columns of the table that may differ between two runs.
 TIMING_COLUMNS = ["images_per_s"]
@@ -191,14 +194,16 @@ def test_smoke_table_on_slurm_equals_the_local_run(slurm_env, tmp_path):
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
     # The local reference runs beside the cluster run: the CPU is idle while Snakemake polls.
     local = subprocess.Popen(
-        snakemake(local_dir, "--cores", "2", TABLE, *SMOKE, limit=600),
+        snakemake(local_dir, "--cores", "2", TABLE, *SMALL_SMOKE, limit=600),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=slurm_env,
     )
     try:
-        proc, out = run(snakemake(slurm_dir, *PROFILES, TABLE, *SMOKE, limit=540), slurm_env, 600)
+        proc, out = run(
+            snakemake(slurm_dir, *PROFILES, TABLE, *SMALL_SMOKE, limit=540), slurm_env, 600
+        )
     finally:
         local_out = local.communicate(timeout=660)[0]
     assert local.returncode == 0, local_out[-4000:]
