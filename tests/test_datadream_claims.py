@@ -14,7 +14,7 @@ import pytest
 
 from repro.core.errors import ReproInputError
 from repro.datadream import claims as dd_claims
-from repro.datadream.claims import build_claims, fid_claim, gain_claim, strict_verdict
+from repro.datadream.claims import build_claims, fid_claim, gain_claim
 from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS
 
 U = 2.0**-8  # accuracy unit: 100 * U = 0.390625 percentage points, exact
@@ -244,25 +244,6 @@ def test_build_claims_rows_and_the_paper_scale_story():
     empty = build_claims(full_table([5, 6, 7]).iloc[0:0], fid.iloc[0:0], 16)
     assert len(empty) == 7 and {c.verdict for c in empty} == {"inconclusive"}
     assert all(math.isnan(c.measured_mean) for c in empty)
-
-
-def test_strict_verdict_directions():
-    assert strict_verdict(0.1, 0.2, 0.0, "higher") == "holds"
-    assert strict_verdict(0.0, 0.2, 0.0, "higher") == "inconclusive"
-    assert strict_verdict(-0.2, 0.0, 0.0, "higher") == "does not hold"
-    assert strict_verdict(0.5, 0.99, 1.0, "lower") == "holds"
-    assert strict_verdict(0.5, 1.0, 1.0, "lower") == "inconclusive"
-    assert strict_verdict(1.0, 1.5, 1.0, "lower") == "does not hold"
-    assert strict_verdict(math.nan, 1.0, 1.0, "lower") == "inconclusive"
-    # within the rounding of the threshold = on it; just beyond the rounding = beyond it
-    assert strict_verdict(1e-12, 0.2, 0.0, "higher") == "inconclusive"
-    assert strict_verdict(2e-9, 0.2, 0.0, "higher") == "holds"
-    assert strict_verdict(-0.2, 1e-12, 0.0, "higher") == "does not hold"
-    assert strict_verdict(0.5, 1 - 1e-12, 1.0, "lower") == "inconclusive"
-    assert strict_verdict(0.5, 1 - 2e-9, 1.0, "lower") == "holds"
-    assert strict_verdict(1 - 1e-12, 1.5, 1.0, "lower") == "does not hold"
-    with pytest.raises(ValueError):
-        strict_verdict(0, 1, 0, "sideways")
 
 
 def test_cli_writes_the_claims_csv(tmp_path):

@@ -18,6 +18,8 @@ from repro.core.results import (
     mean_std,
     merge_claims,
     read_table,
+    spread_verdict,
+    strict_verdict,
     verdict_from,
     write_claims,
     write_table,
@@ -208,3 +210,31 @@ def test_claim_with_spread_shows_median_range_and_mean():
     assert claim.measured == "median 1.95, range 1.8 to 2.01 over 3 (mean 12.346 ± 0.012)"
     assert claim.row()["measured"] == claim.measured
     assert list(claim.row()) == CLAIM_COLUMNS  # the spread is no column of its own
+
+
+def test_strict_verdict_directions():
+    assert strict_verdict(0.1, 0.2, 0.0, "higher") == "holds"
+    assert strict_verdict(0.0, 0.2, 0.0, "higher") == "inconclusive"
+    assert strict_verdict(-0.2, 0.0, 0.0, "higher") == "does not hold"
+    assert strict_verdict(0.5, 0.99, 1.0, "lower") == "holds"
+    assert strict_verdict(0.5, 1.0, 1.0, "lower") == "inconclusive"
+    assert strict_verdict(1.0, 1.5, 1.0, "lower") == "does not hold"
+    assert strict_verdict(math.nan, 1.0, 1.0, "lower") == "inconclusive"
+    # within the rounding of the threshold = on it; just beyond the rounding = beyond it
+    assert strict_verdict(1e-12, 0.2, 0.0, "higher") == "inconclusive"
+    assert strict_verdict(2e-9, 0.2, 0.0, "higher") == "holds"
+    assert strict_verdict(-0.2, 1e-12, 0.0, "higher") == "does not hold"
+    assert strict_verdict(0.5, 1 - 1e-12, 1.0, "lower") == "inconclusive"
+    assert strict_verdict(0.5, 1 - 2e-9, 1.0, "lower") == "holds"
+    assert strict_verdict(1 - 1e-12, 1.5, 1.0, "lower") == "does not hold"
+    with pytest.raises(ValueError):
+        strict_verdict(0, 1, 0, "sideways")
+
+
+def test_spread_verdict_needs_min_seeds_and_reads_mean_minus_std():
+    # mean 2, std 1 (ddof 1): [1, 3] lies above 0; against 1.5 it straddles.
+    assert spread_verdict([1.0, 2.0, 3.0], 0.0, "higher", 3) == (2.0, 1.0, 3, "holds")
+    assert spread_verdict([1.0, 2.0, 3.0], 1.5, "higher", 3)[3] == "inconclusive"
+    assert spread_verdict([1.0, 2.0, 3.0], 3.0, "higher", 3)[3] == "does not hold"
+    # two seeds decide nothing when three are asked for; NaNs do not count
+    assert spread_verdict([1.0, 2.0, math.nan], 0.0, "higher", 3)[2:] == (2, "inconclusive")

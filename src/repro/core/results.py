@@ -157,6 +157,44 @@ def interval_verdict(low: float, high: float, threshold: float, better: str = "h
     return verdict_from(True if high <= threshold else False if low > threshold else None)
 
 
+# Far below one test item of any table here and far above float round-off: what
+# "exactly on the threshold" means for a computed bound (strict_verdict).
+ROUNDING = 1e-9
+
+
+def strict_verdict(
+    low: float, high: float, threshold: float, better: str, rounding: float = ROUNDING
+) -> str:
+    """Is the quantity strictly beyond `threshold` ("higher": above; "lower": below)?
+
+    holds when the whole interval [low, high] is strictly beyond it, does not hold when
+    the whole interval is on the other side or on it, inconclusive when it straddles.
+    A bound within `rounding` of the threshold counts as ON it: accuracies are
+    fractions k / n, and mean - std of exact ties comes out as 2e-16, not 0."""
+    if any(math.isnan(x) for x in (low, high, threshold)):
+        return "inconclusive"
+    if better == "higher":
+        above, below = low > threshold + rounding, high <= threshold + rounding
+        return verdict_from(True if above else False if below else None)
+    if better == "lower":
+        below, above = high < threshold - rounding, low >= threshold - rounding
+        return verdict_from(True if below else False if above else None)
+    raise ValueError(f"strict_verdict: better must be 'lower' or 'higher', got {better!r}")
+
+
+def spread_verdict(
+    values: Iterable[float], threshold: float, better: str, min_seeds: int
+) -> tuple[float, float, int, str]:
+    """(mean, std, n, verdict) of per-seed values against `threshold`: strict_verdict on
+    [mean - std, mean + std]; fewer than `min_seeds` values decide nothing (inconclusive)."""
+    values = [float(v) for v in values]
+    mean, std = mean_std(values)
+    n = sum(not math.isnan(v) for v in values)
+    if n < min_seeds:
+        return mean, std, n, "inconclusive"
+    return mean, std, n, strict_verdict(mean - std, mean + std, threshold, better)
+
+
 @dataclass
 class Claim:
     """One checked claim of a paper (one row of claims.csv).

@@ -30,15 +30,17 @@ import pandas as pd
 
 from repro.core.cli import require
 from repro.core.errors import ReproInputError
-from repro.core.results import Claim, mean_std, read_table, verdict_from, write_claims
+from repro.core.results import (
+    Claim,
+    read_table,
+    spread_verdict,
+    write_claims,
+)
 from repro.core.stage import Stage, run
 from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS
 
 PAPER = "DataDream"
 MIN_SEEDS = 3
-# Far below one test image (100 / 360 points at tiny scale) and far above float
-# round-off: what "exactly on the threshold" means for a computed bound.
-ROUNDING = 1e-9
 VARIANTS = ("cls", "dset")
 VARIANT_NAME = {"cls": "DataDream_cls", "dset": "DataDream_dset", "unadapted": "unadapted"}
 # The shot-free entries of the main table: trained on no real image.
@@ -64,37 +66,6 @@ def accuracy_per_seed(
         & table.selected.astype(bool)
     ]
     return rows.groupby("seed").test_acc.mean()
-
-
-def strict_verdict(
-    low: float, high: float, threshold: float, better: str, rounding: float = ROUNDING
-) -> str:
-    """Is the quantity strictly beyond `threshold` ("higher": above; "lower": below)?
-
-    holds when the whole interval [low, high] is strictly beyond it, does not hold when
-    the whole interval is on the other side or on it, inconclusive when it straddles.
-    A bound within `rounding` of the threshold counts as ON it: accuracies are
-    fractions k / n, and mean - std of exact ties comes out as 2e-16, not 0."""
-    if any(math.isnan(x) for x in (low, high, threshold)):
-        return "inconclusive"
-    if better == "higher":
-        above, below = low > threshold + rounding, high <= threshold + rounding
-        return verdict_from(True if above else False if below else None)
-    if better == "lower":
-        below, above = high < threshold - rounding, low >= threshold - rounding
-        return verdict_from(True if below else False if above else None)
-    raise ValueError(f"strict_verdict: better must be 'lower' or 'higher', got {better!r}")
-
-
-def spread_verdict(
-    values: pd.Series, threshold: float, better: str, min_seeds: int
-) -> tuple[float, float, int, str]:
-    """(mean, std, n, verdict) of per-seed values against `threshold` (mean -+ std)."""
-    mean, std = mean_std(values.tolist())
-    n = int(values.notna().sum())
-    if n < min_seeds:
-        return mean, std, n, "inconclusive"
-    return mean, std, n, strict_verdict(mean - std, mean + std, threshold, better)
 
 
 def seeds_note(n: int, min_seeds: int) -> str:
