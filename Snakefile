@@ -28,6 +28,7 @@ include: "rules/foundation_clip.smk"
 # One line per paper (its rules; it registers itself in repro.<paper>.workflow).
 include: "rules/agd.smk"
 include: "rules/datadream.smk"
+include: "rules/probex.smk"
 include: "rules/sla.smk"
 include: "rules/report.smk"
 

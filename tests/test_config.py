@@ -68,7 +68,23 @@ BAD = [
     ("sla.kernel_bench.forms", [{"linear": "hedgehog", "k_l": 0.0}], ["forms", "hedgehog"]),
     ("sla", DELETE, ["(top level)", "'sla' is a required property"]),
     # A section that no paper registers is refused (the paper parts are composed in).
-    ("probex", {"steps": 1}, ["(top level)", "'probex' was unexpected"]),
+    ("humo", {"steps": 1}, ["(top level)", "'humo' was unexpected"]),
+    (
+        "probex.trees",
+        [{"name": "mlp", "arch": "mlp", "seed": 0, "layer": "fc"}],
+        ["probex.trees.0.arch", "'mlp' is not one of"],
+    ),
+    ("probex.subset_size", 10, ["probex.subset_size", "between 1 and"]),
+    ("probex.zoo.split", {"val": 0.5, "test": 0.5}, ["probex.zoo.split", "no model to train"]),
+    ("probex.zoo.lr", [0.01, 0.001], ["probex.zoo.lr", "not a range"]),
+    (
+        "probex.trees",
+        [
+            {"name": "a", "arch": "vit", "seed": 0, "layer": "x"},
+            {"name": "a", "arch": "cnn", "seed": 0, "layer": "y"},
+        ],
+        ["probex.trees", "repeat"],
+    ),
     ("agd.distill.processes", 0, ["agd.distill.processes", "minimum"]),
     ("agd.base.processes", 1.5, ["agd.base.processes", "not of type 'integer'"]),
     ("foundation", DELETE, ["(top level)", "'foundation' is a required property"]),

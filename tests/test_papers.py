@@ -27,7 +27,7 @@ def tiny():
 
 
 def test_the_papers_register_themselves():
-    assert [p.name for p in PAPERS] == ["agd", "datadream", "sla"]
+    assert [p.name for p in PAPERS] == ["agd", "datadream", "probex", "sla"]
     for paper in PAPERS:
         assert isinstance(paper, PaperSpec)
         assert (ROOT / "schemas" / paper.schema).is_file(), paper.schema
@@ -36,7 +36,11 @@ def test_the_papers_register_themselves():
         assert set(paper.tables) <= set(targets), paper.name
         assert paper.claims is None or paper.claims in targets, paper.name
         assert all(t.startswith("results/") for t in targets), targets
-    assert paper_claims() == ["results/claims/agd.csv", "results/claims/datadream.csv"]
+    assert paper_claims() == [
+        "results/claims/agd.csv",
+        "results/claims/datadream.csv",
+        "results/claims/probex.csv",
+    ]
     assert "results/sla_kernel.csv" in paper_targets(tiny())
 
 

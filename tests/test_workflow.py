@@ -23,6 +23,9 @@ from repro.core.papers import discover_papers, paper_targets
 from repro.core.results import CLAIM_COLUMNS, VERDICTS
 from repro.datadream import workflow as datadream_workflow
 from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS
+from repro.probex import workflow as probex_workflow
+from repro.probex.table import ACCURACY_COLUMNS as PROBEX_COLUMNS
+from repro.probex.table import LAYER_COLUMNS as PROBEX_LAYER_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The documented way to pick a scale (README): its profile, which leaves targets alone.
@@ -133,6 +136,28 @@ def test_datadream_tables(smoke):
     assert len(fid) == len(sets) * len(seeds) and (fid.fid > 0).all()
 
 
+def test_probex_tables(smoke):
+    """Every method on every tree and seed; one chosen layer per tree and seed."""
+    px, seeds = smoke["config"]["probex"], smoke["config"]["seeds"]
+    trees = {tree["name"] for tree in px["trees"]}
+    acc = pd.read_csv(smoke["repo"] / "results/probex_accuracy.csv")
+    assert list(acc.columns) == PROBEX_COLUMNS
+    expected = {(m, t, s) for m in probex_workflow.METHODS for t in trees for s in seeds}
+    assert set(zip(acc.method, acc.tree, acc.seed, strict=True)) == expected
+    assert len(acc) == len(expected)
+    assert acc.test_accuracy.between(0, 1).all() and acc.val_accuracy.between(0, 1).all()
+    probes = acc[acc.method == "probex"]
+    dense = acc[acc.method == "dense"]
+    assert (probes.parameters.to_numpy() < dense.parameters.to_numpy()).all()
+    experts = acc[acc.method == "probex_experts"]
+    assert experts.routing_accuracy.between(0, 1).all()
+    assert acc[acc.method != "probex_experts"].routing_accuracy.isna().all()
+    layers = pd.read_csv(smoke["repo"] / "results/probex_layers.csv")
+    assert list(layers.columns) == PROBEX_LAYER_COLUMNS
+    assert set(layers.tree) == trees
+    assert (layers.groupby(["tree", "seed"]).chosen.sum() == 1).all()
+
+
 def test_the_ladder_compares_the_rungs(smoke):
     ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
     agd = smoke["config"]["agd"]
@@ -174,6 +199,14 @@ def test_claims_are_computed_for_datadream(smoke):
     assert set(dd.verdict) <= set(VERDICTS)
 
 
+def test_claims_are_computed_for_probex(smoke):
+    claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
+    px = claims[claims.paper == "ProbeX"]
+    # beats StatNN; matches Dense with far fewer parameters; experts beat one across trees
+    assert len(px) == 3
+    assert set(px.verdict) <= set(VERDICTS)
+
+
 def test_figures_are_pngs(smoke):
     for name in (
         "agd_fid_vs_w",
@@ -182,6 +215,7 @@ def test_figures_are_pngs(smoke):
         "agd_speed",
         "agd_ladder",
         *(Path(f).stem for f in datadream_workflow.FIGURES.values()),
+        *(Path(f).stem for f in probex_workflow.FIGURES.values()),
     ):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -200,6 +234,7 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     types = len(agd["distill"]["adapter_types"])
     rung = rung_config(smoke["config"], "b3")
     dd = smoke["config"]["datadream"]
+    px = smoke["config"]["probex"]
     assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
@@ -221,6 +256,10 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "datadream_generate": len(datadream_workflow.synthetic_sets(dd)) * seeds,
         "datadream_fid": len(datadream_workflow.synthetic_sets(dd)) * seeds,
         "datadream_classify": len(datadream_workflow.runs(dd)) * seeds,
+        "probex_base": len(px["trees"]),
+        "probex_zoo": len(px["trees"]),
+        "probex_probe": seeds,
+        "probex_layers": seeds,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]
@@ -245,6 +284,7 @@ def test_report_shows_each_papers_tables_and_figures(smoke):
         "agd_samples.png",
         "agd_speed.png",
         *(Path(f).name for f in datadream_workflow.FIGURES.values()),
+        *(Path(f).name for f in probex_workflow.FIGURES.values()),
         "claims.csv",
     ):
         assert needle in html

@@ -19,6 +19,10 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "datadream_generate": None,
     "datadream_fid": None,
     "datadream_classify": None,
+    "probex_base": None,
+    "probex_zoo": None,
+    "probex_probe": None,
+    "probex_layers": None,
     "sla_kernel_bench": None,
 }
 CPU_RULES = frozenset(
@@ -34,6 +38,9 @@ CPU_RULES = frozenset(
         "datadream_table",
         "datadream_figures",
         "datadream_claims",
+        "probex_table",
+        "probex_figures",
+        "probex_claims",
         "claims",
     }
 )
