@@ -5,6 +5,7 @@
 # (repro.core.papers).
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -112,6 +113,29 @@ def glyph_params(split):
     if split in heldout:
         glyphs.update(heldout[split])
     return json.dumps(glyphs, sort_keys=True)
+
+
+# The data.imagefolders names, as the imagefolder rule's wildcard (none: matches nothing).
+IMAGEFOLDERS = sorted(config["data"].get("imagefolders") or {})
+IMAGEFOLDER_PATTERN = "|".join(map(re.escape, IMAGEFOLDERS)) or "(?!)"
+
+
+def imagefolder_params(name):
+    """The imagefolder rule's params: entry `name` of data.imagefolders."""
+    folders = config["data"].get("imagefolders") or {}
+    if name not in folders:
+        raise ValueError(
+            f"data.imagefolders: no data set {name!r} (known: {sorted(folders)})"
+        )
+    return json.dumps(folders[name], sort_keys=True)
+
+
+def classification_split(dataset, split):
+    """The file of `split` (train / val / test) of a classification data set: the digits'
+    (rule digits) or an entry of data.imagefolders (rule imagefolder)."""
+    if dataset == "digits":
+        return f"data/digits/{split}.safetensors"
+    return f"data/datasets/{dataset}/{split}.safetensors"
 
 
 # ---- Hub checkpoints: fetched by rules/hub.smk on this host, read from the cache by jobs ----

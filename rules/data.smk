@@ -3,6 +3,7 @@
 
 wildcard_constraints:
     glyph_split="train|val|test",
+    dataset=IMAGEFOLDER_PATTERN,
 
 
 rule digits:
@@ -26,6 +27,35 @@ rule digits:
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     shell:
         stage("repro.core.data", "digits --out-dir {params.out_dir:q}", rule="digits")
+
+
+rule imagefolder:
+    # An ImageFolder data set on disk (data.imagefolders.<name>), resized and split:
+    # what the paper-scale rules read in place of the digits.
+    output:
+        train="data/datasets/{dataset}/train.safetensors",
+        val="data/datasets/{dataset}/val.safetensors",
+        test="data/datasets/{dataset}/test.safetensors",
+        manifest="data/datasets/{dataset}/manifest.json",
+    log:
+        "logs/data/imagefolder_{dataset}.log",
+    benchmark:
+        "benchmarks/rules/data/imagefolder_{dataset}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    params:
+        cfg=lambda wildcards: imagefolder_params(wildcards.dataset),
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    shell:
+        stage(
+            "repro.core.data",
+            "imagefolder --out-dir {params.out_dir:q}",
+            rule="imagefolder",
+        )
 
 
 rule glyphs:

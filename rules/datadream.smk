@@ -21,7 +21,7 @@ wildcard_constraints:
 
 rule datadream_fewshot:
     input:
-        train=rules.digits.output.train,
+        train=datadream_split("train"),
     output:
         data="data/datadream/fewshot/{shots}shot_s{seed}.safetensors",
         manifest="data/datadream/fewshot/{shots}shot_s{seed}.json",
@@ -129,7 +129,7 @@ rule datadream_generate:
 rule datadream_fid:
     input:
         synthetic="data/datadream/synthetic/{generator}_{shots}shot_s{seed}.safetensors",
-        reference=rules.digits.output.test,
+        reference=datadream_split("test"),
         classifier=rules.digit_classifier.output.model,
     output:
         "results/datadream/fid/{generator}_{shots}shot_s{seed}.json",
@@ -158,8 +158,8 @@ rule datadream_fid:
 rule datadream_classify:
     input:
         unpack(datadream_run_inputs),
-        val=rules.digits.output.val,
-        test=rules.digits.output.test,
+        val=datadream_split("val"),
+        test=datadream_split("test"),
         clip=foundation_input("clip"),
     output:
         table="results/datadream/runs/{dd_method}_{dd_generator}_{shots}shot_s{seed}.csv",

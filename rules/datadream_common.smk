@@ -9,6 +9,8 @@ from repro.datadream import workflow as datadream_workflow
 
 DATADREAM = config["datadream"]
 DATADREAM_LABEL = PAPERS["datadream"].label  # the report's category
+# The real data set: the digits, or an entry of data.imagefolders (paper scale).
+DATADREAM_DATASET = DATADREAM.get("dataset", "digits")
 # The largest synthetic set per class: generation makes it once, classifiers read prefixes.
 DATADREAM_N_MAX = max(DATADREAM["n_synthetic"])
 
@@ -25,6 +27,11 @@ def datadream_params(key, seed=None, **extra):
     if seed is not None:
         node["seed"] = int(seed)
     return json.dumps(node, sort_keys=True)
+
+
+def datadream_split(split):
+    """The real data set's train / val / test file."""
+    return classification_split(DATADREAM_DATASET, split)
 
 
 def datadream_fewshot(shots, seed):

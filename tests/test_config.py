@@ -69,6 +69,17 @@ BAD = [
     ("sla", DELETE, ["(top level)", "'sla' is a required property"]),
     # A section that no paper registers is refused (the paper parts are composed in).
     ("humo", {"steps": 1}, ["(top level)", "'humo' was unexpected"]),
+    ("datadream.dataset", "cifar10", ["datadream.dataset", "neither 'digits'"]),
+    (
+        "data.imagefolders",
+        {"eurosat": {"root": "/data/eurosat", "size": 64, "channels": 2, "seed": 0}},
+        ["data.imagefolders.eurosat.channels", "is not one of"],
+    ),
+    (
+        "data.imagefolders",
+        {"digits": {"root": "/data/d", "size": 8, "channels": 1, "seed": 0}},
+        ["data.imagefolders", "digits"],
+    ),
     (
         "probex.trees",
         [{"name": "mlp", "arch": "mlp", "seed": 0, "layer": "fc"}],

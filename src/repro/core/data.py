@@ -1,15 +1,21 @@
-"""The tiny-scale image data: scikit-learn's bundled 8x8 digits and rendered font glyphs.
+"""The image data sets: scikit-learn's bundled 8x8 digits and rendered font glyphs (tiny
+scale), and ImageFolder trees read from disk (the papers' data sets at paper scale).
 
 Nothing here downloads anything. The digits are the 1,797 real images shipped inside
 scikit-learn; the glyphs are drawn from the DejaVu fonts shipped inside matplotlib and
 jittered so that they look like the digits (centred, filling the frame, smooth greyscale).
-Images are float32 [N, 1, H, W] in [-1, 1] with the ink bright (+1), labels int64.
+Images are float32 [N, C, H, W] in [-1, 1] (digits and glyphs: C = 1, the ink bright
+(+1)), labels int64. An ImageFolder tree `root/<class>/<image>` (or `root/train/<class>/...`
+and `root/test/<class>/...`) becomes the same three split files as the digits.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,9 +25,51 @@ import torch
 import torch.nn.functional as F
 
 from repro.core.errors import ReproInputError
-from repro.core.io import load_tensors, save_tensors, sha256_file, write_json
+from repro.core.io import load_tensors, read_metadata, save_tensors, sha256_file, write_json
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# The kinds of labelled train / val / test splits a classification stage may read: the
+# bundled digits (tiny scale) and ImageFolder trees (paper scale), both with meta num_classes.
+CLASSIFICATION_KINDS = ("digits", "imagefolder")
+
+
+def _check_fractions(val_fraction: float | None, test_fraction: float | None) -> None:
+    """Each given fraction in (0, 1), and their sum below 1 (None: not used)."""
+    for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if frac is not None and not 0.0 < frac < 1.0:
+            raise ReproInputError(f"params.{key}: must be in (0, 1), got {frac}")
+    if (
+        val_fraction is not None
+        and test_fraction is not None
+        and val_fraction + test_fraction >= 1.0
+    ):
+        raise ReproInputError(
+            f"params.val_fraction + params.test_fraction: must be < 1, got "
+            f"{val_fraction} + {test_fraction}"
+        )
+
+
+def stratified_split(
+    labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted (train, val, test) indices of `labels`, two seeded stratified cuts: test off
+    the whole set, then val off the rest (both fractions of the whole set)."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    rest, test = train_test_split(
+        index, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    train, val = train_test_split(
+        rest,
+        test_size=val_fraction / (1.0 - test_fraction),
+        stratify=labels[rest],
+        random_state=seed,
+    )
+    # A stable order that does not depend on the splitter's internals.
+    return np.sort(train), np.sort(val), np.sort(test)
 
 
 # --------------------------------------------------------------------------- digits
@@ -35,36 +83,15 @@ def load_digit_splits(
     Images are float32 [N, 1, 8, 8] scaled from 0..16 to [-1, 1]; labels int64.
     """
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
-    for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < frac < 1.0:
-            raise ReproInputError(f"params.{key}: must be in (0, 1), got {frac}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ReproInputError(
-            f"params.val_fraction + params.test_fraction: must be < 1, got "
-            f"{val_fraction} + {test_fraction}"
-        )
-
+    _check_fractions(val_fraction, test_fraction)
     digits = load_digits()
     images = digits.images.astype(np.float32) / 8.0 - 1.0  # 0..16 -> -1..1
     labels = digits.target.astype(np.int64)
-    index = np.arange(len(labels))
-
-    # Two stratified cuts: test off the whole set, then val off the rest (as a fraction of the
-    # whole set, hence the rescaling).
-    rest, test = train_test_split(
-        index, test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    train, val = train_test_split(
-        rest,
-        test_size=val_fraction / (1.0 - test_fraction),
-        stratify=labels[rest],
-        random_state=seed,
-    )
     out = {}
-    for name, idx in zip(SPLITS, (train, val, test), strict=True):
-        idx = np.sort(idx)  # a stable order that does not depend on the splitter's internals
+    for name, idx in zip(
+        SPLITS, stratified_split(labels, seed, val_fraction, test_fraction), strict=True
+    ):
         out[name] = (
             torch.from_numpy(images[idx]).unsqueeze(1).contiguous(),
             torch.from_numpy(labels[idx]),
@@ -351,9 +378,24 @@ def write_image_dataset(
     return manifest
 
 
-def load_image_dataset(path: str | os.PathLike, kind: str | None = None) -> ImageDataset:
-    """Read and validate a file written by write_image_dataset (errors name the file)."""
+def load_image_dataset(
+    path: str | os.PathLike, kind: str | tuple[str, ...] | None = None
+) -> ImageDataset:
+    """Read and validate a file written by write_image_dataset (errors name the file).
+
+    `kind`: the one kind the file must be, or a tuple of the kinds allowed (such as
+    CLASSIFICATION_KINDS); None accepts any kind.
+    """
     path = Path(path)
+    if isinstance(kind, tuple | list | frozenset | set):
+        allowed = tuple(kind)
+        found = read_metadata(path).get("repro_kind", "no repro kind")
+        if found not in allowed:
+            raise ReproInputError(
+                f"{path}: expected a file of kind {' or '.join(repr(k) for k in allowed)}, "
+                f"found {found!r}"
+            )
+        kind = found
     tensors, raw = load_tensors(path, kind=kind, required=("images", "labels"))
     images, labels = tensors["images"], tensors["labels"]
     meta = raw.get("meta") or {}
@@ -378,6 +420,240 @@ def load_image_dataset(path: str | os.PathLike, kind: str | None = None) -> Imag
     if captions is not None and (not isinstance(captions, list) or len(captions) != len(labels)):
         raise ReproInputError(f"{path}: captions must be a list of {len(labels)} strings")
     return ImageDataset(images, labels, captions, meta)
+
+
+# --------------------------------------------------------------------------- ImageFolder trees
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+# The keys of `python -m repro.core.data imagefolder --params` (root, size, channels, seed
+# required; the fractions as the layout needs them; classnames, max_per_class optional).
+IMAGEFOLDER_PARAMS = (
+    "root",
+    "size",
+    "channels",
+    "seed",
+    "val_fraction",
+    "test_fraction",
+    "classnames",
+    "max_per_class",
+)
+_GIVEN = ("train", "test")  # root/train and root/test: the data set's own split (root/val optional)
+# Where the splits came from (meta split_origin).
+ORIGIN_TREE = "one tree: test, then val cut off (stratified, seeded)"
+ORIGIN_TRAIN_TEST = "given: train/ and test/; val cut from train/ (stratified, seeded)"
+ORIGIN_TRAIN_VAL_TEST = "given: train/, val/ and test/"
+
+
+def _visible(path: Path, under: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(under).parts)
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise ReproInputError(f"params.root: {root} is not a directory")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise ReproInputError(
+            f"params.root: {root} holds no class folders (expected root/<class>/<image> or "
+            "root/train/<class>/<image> and root/test/<class>/<image>)"
+        )
+    return names
+
+
+def list_image_folder(
+    root: str | os.PathLike, classnames: list[str] | None = None, key: str = "params.classnames"
+) -> tuple[list[str], list[Path], np.ndarray]:
+    """(classnames, image files, labels) of an ImageFolder tree root/<class>/<image>.
+
+    Classes are the sorted names of root's sub-folders, or `classnames` in that order,
+    which must name exactly those folders (else an error naming `key`). A class folder's
+    images are its files (any depth, hidden ones skipped) with an extension of
+    IMAGE_EXTENSIONS, sorted; other files are ignored, but a class folder without an
+    image is an error naming it. Nothing is decoded here.
+    """
+    root = Path(root)
+    found = _class_folders(root)
+    if classnames is None:
+        names = found
+    else:
+        if (
+            not isinstance(classnames, list)
+            or not all(isinstance(c, str) and c for c in classnames)
+            or len(set(classnames)) != len(classnames)
+        ):
+            raise ReproInputError(
+                f"{key}: must be null or a list of unique folder names, got {classnames!r}"
+            )
+        missing = sorted(set(classnames) - set(found))
+        extra = sorted(set(found) - set(classnames))
+        if missing or extra:
+            raise ReproInputError(
+                f"{key}: the class folders of {root} do not match: no folder for {missing}, "
+                f"folders not listed {extra}"
+            )
+        names = list(classnames)
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(names):
+        folder = root / name
+        entries = sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p, folder))
+        images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            if entries:
+                others = sorted({p.suffix.lower() or p.name for p in entries})[:10]
+                raise ReproInputError(
+                    f"{folder}: no image file in this class folder (extensions "
+                    f"{', '.join(IMAGE_EXTENSIONS)}), only {others}"
+                )
+            raise ReproInputError(f"{folder}: empty class folder")
+        if len(images) < len(entries):
+            log.warning(
+                "%s: %d files without an image extension ignored",
+                folder,
+                len(entries) - len(images),
+            )
+        files += images
+        labels += [label] * len(images)
+    return names, files, np.asarray(labels, dtype=np.int64)
+
+
+def read_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """One image file as float32 [channels, size, size] in [-1, 1]: converted to L (1) or
+    RGB (3), centre-cropped to a square, resized with PIL's antialiased bicubic filter."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            # Crop first: resize(box=...) would let the filter read pixels beyond the box.
+            img = img.crop((left, top, left + side, top + side))
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ReproInputError(f"{path}: not a readable image ({err})") from err
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def read_images(files: list[Path], size: int, channels: int, desc: str = "images") -> torch.Tensor:
+    """The files as one float32 [N, channels, size, size] tensor, filled in place (no copy
+    of the whole set is ever held twice, no image at its original size beyond one)."""
+    from tqdm.auto import tqdm
+
+    out = torch.empty(len(files), channels, size, size, dtype=torch.float32)
+    for i, path in enumerate(tqdm(files, desc=desc, unit="img", disable=None)):
+        out[i] = torch.from_numpy(read_image(path, size, channels))
+    return out
+
+
+def _cap_per_class(
+    idx: np.ndarray, labels: np.ndarray, cap: int | None, seed: list[int]
+) -> np.ndarray:
+    """At most `cap` indices of each class (a seeded draw), sorted; all when cap is None."""
+    if cap is None:
+        return np.sort(idx)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels[idx]):
+        members = idx[labels[idx] == c]
+        keep.append(members if len(members) <= cap else rng.choice(members, cap, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _split_error(err: ValueError, where: Path, keys: str) -> ReproInputError:
+    return ReproInputError(f"{keys}: cannot cut a stratified split of {where} ({err})")
+
+
+def image_folder_splits(
+    root: str | os.PathLike,
+    seed: int,
+    val_fraction: float | None,
+    test_fraction: float | None,
+    classnames: list[str] | None = None,
+    max_per_class: int | None = None,
+) -> tuple[list[str], dict[str, tuple[list[Path], np.ndarray]], str]:
+    """(classnames, {split: (files, labels)}, split origin) of an ImageFolder data set.
+
+    With root/train and root/test, those are the train and test splits (and root/val the
+    validation split if it exists, else val_fraction of train/ is cut off, stratified and
+    seeded); otherwise root is one tree, cut into test (test_fraction) and val
+    (val_fraction) stratified and seeded, as the digits are. Every split holds the same
+    classes. `max_per_class` keeps at most that many images of a class in each split (a
+    seeded draw; for trees too large to hold in memory). Nothing is decoded here.
+    """
+    root = Path(root)
+    if max_per_class is not None and (
+        isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1
+    ):
+        raise ReproInputError(
+            f"params.max_per_class: must be null or an integer >= 1, got {max_per_class!r}"
+        )
+    given = [name for name in _GIVEN if (root / name).is_dir()]
+    if given and len(given) < len(_GIVEN):
+        missing = [name for name in _GIVEN if name not in given]
+        raise ReproInputError(
+            f"params.root: {root} holds {given[0]}/ but no {missing[0]}/ (a data set with its "
+            "own split needs train/ and test/; a single tree has no folder of those names)"
+        )
+    # split -> (files, labels, indices into them)
+    splits: dict[str, tuple[list[Path], np.ndarray, np.ndarray]] = {}
+    if given:
+        names, train_files, train_labels = list_image_folder(root / "train", classnames)
+        same = f"the classes of {root / 'train'}"
+        if (root / "val").is_dir():
+            _, val_files, val_labels = list_image_folder(root / "val", names, same)
+            train = np.arange(len(train_labels))
+            val = None
+            origin = ORIGIN_TRAIN_VAL_TEST
+        else:
+            _check_fractions(require_fraction(val_fraction, "val_fraction"), None)
+            from sklearn.model_selection import train_test_split
+
+            try:
+                train, val = train_test_split(
+                    np.arange(len(train_labels)),
+                    test_size=val_fraction,
+                    stratify=train_labels,
+                    random_state=seed,
+                )
+            except ValueError as err:
+                raise _split_error(err, root / "train", "params.val_fraction") from err
+            origin = ORIGIN_TRAIN_TEST
+        _, test_files, test_labels = list_image_folder(root / "test", names, same)
+        splits["train"] = (train_files, train_labels, train)
+        if val is None:
+            splits["val"] = (val_files, val_labels, np.arange(len(val_labels)))
+        else:
+            splits["val"] = (train_files, train_labels, val)
+        splits["test"] = (test_files, test_labels, np.arange(len(test_labels)))
+    else:
+        _check_fractions(
+            require_fraction(val_fraction, "val_fraction"),
+            require_fraction(test_fraction, "test_fraction"),
+        )
+        names, files, labels = list_image_folder(root, classnames)
+        try:
+            parts = stratified_split(labels, seed, val_fraction, test_fraction)
+        except ValueError as err:
+            raise _split_error(err, root, "params.val_fraction / params.test_fraction") from err
+        origin = ORIGIN_TREE
+        for name, idx in zip(SPLITS, parts, strict=True):
+            splits[name] = (files, labels, idx)
+    out = {}
+    for i, name in enumerate(SPLITS):
+        files, labels, idx = splits[name]
+        idx = _cap_per_class(np.asarray(idx), labels, max_per_class, [seed, i])
+        out[name] = ([files[j] for j in idx], labels[idx])
+    return names, out, origin
+
+
+def require_fraction(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ReproInputError(f"params.{key}: must be a number in (0, 1), got {value!r}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -428,20 +704,91 @@ def _write_glyphs(out: Path, params: dict) -> None:
     write_image_dataset(out, glyphs.images, glyphs.labels, "glyphs", meta, glyphs.captions)
 
 
+def _write_imagefolder(out_dir: Path, params: dict) -> None:
+    """The three splits of an ImageFolder tree, checked whole before anything is decoded,
+    decoded one split at a time, moved into out_dir only once all three are written."""
+    from repro.core.cli import require
+
+    unknown = sorted(set(params) - set(IMAGEFOLDER_PARAMS))
+    if unknown:
+        raise ReproInputError(f"params: unknown keys {unknown}, allowed {list(IMAGEFOLDER_PARAMS)}")
+    root = Path(str(require(params, "root")))
+    size, channels, seed = (require(params, k) for k in ("size", "channels", "seed"))
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ReproInputError(f"params.size: must be an integer >= 1, got {size!r}")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ReproInputError(
+            f"params.channels: must be 1 (greyscale) or 3 (RGB), got {channels!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ReproInputError(f"params.seed: must be an integer, got {seed!r}")
+    val_fraction = params.get("val_fraction")
+    test_fraction = params.get("test_fraction")
+    max_per_class = params.get("max_per_class")
+    classnames, splits, origin = image_folder_splits(
+        root, seed, val_fraction, test_fraction, params.get("classnames"), max_per_class
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".imagefolder.", dir=out_dir))
+    try:
+        manifests = {}
+        for name, (files, labels) in splits.items():
+            images = read_images(files, size, channels, desc=f"{root} {name}")
+            meta = {
+                "source": "imagefolder",
+                "root": str(root),
+                "split": name,
+                "split_origin": origin,
+                "classnames": classnames,
+                "num_classes": len(classnames),
+                "size": size,
+                "channels": channels,
+                "seed": seed,
+                # The fractions the split used (None: the data set gave that split).
+                "val_fraction": None if origin == ORIGIN_TRAIN_VAL_TEST else val_fraction,
+                "test_fraction": test_fraction if origin == ORIGIN_TREE else None,
+                "max_per_class": max_per_class,
+            }
+            manifests[name] = write_image_dataset(
+                staging / f"{name}.safetensors",
+                images,
+                torch.from_numpy(labels),
+                "imagefolder",
+                meta,
+            )
+            del images
+            log.info("%s: %d images of %d classes", name, len(labels), len(classnames))
+        for name in splits:
+            for suffix in (".safetensors", ".json"):
+                os.replace(staging / f"{name}{suffix}", out_dir / f"{name}{suffix}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(
+        out_dir / "manifest.json",
+        {"kind": "imagefolder", "root": str(root), "classnames": classnames, "splits": manifests},
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from repro.core.stage import Stage
 
-    stage = Stage("Write the tiny-scale image datasets (digits splits or glyphs).", paper="core")
+    stage = Stage(
+        "Write the image datasets: digits splits, glyphs, or the splits of an ImageFolder tree.",
+        paper="core",
+    )
     parser = stage.parser
     parser.prog = "repro.core.data"
-    parser.add_argument("dataset", choices=("digits", "glyphs"))
-    parser.add_argument("--out-dir", type=Path, help="digits: directory for the three splits")
+    parser.add_argument("dataset", choices=("digits", "glyphs", "imagefolder"))
+    parser.add_argument(
+        "--out-dir", type=Path, help="digits, imagefolder: directory for the three splits"
+    )
     parser.add_argument("--out", type=Path, help="glyphs: the .safetensors file to write")
     args = stage.start(argv)
-    if args.dataset == "digits":
+    if args.dataset in ("digits", "imagefolder"):
         if args.out_dir is None:
-            parser.error("digits needs --out-dir")
-        _write_digits(args.out_dir, stage.params)
+            parser.error(f"{args.dataset} needs --out-dir")
+        write = _write_digits if args.dataset == "digits" else _write_imagefolder
+        write(args.out_dir, stage.params)
     else:
         if args.out is None:
             parser.error("glyphs needs --out")

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from repro.core.classifier import random_shift
-from repro.core.data import ImageDataset, load_image_dataset
+from repro.core.data import CLASSIFICATION_KINDS, ImageDataset, load_image_dataset
 from repro.core.errors import ReproInputError
 from repro.core.results import write_table
 from repro.core.stage import Stage, run
@@ -205,10 +205,18 @@ def check_n_synthetic(params: dict) -> list[int]:
 
 
 def check_split(path, classnames: list[str]) -> ImageDataset:
-    """A digits split (val / test) whose labels are classes of `classnames`."""
-    data = load_image_dataset(path, kind="digits")
+    """A val / test split (digits or imagefolder) whose labels are classes of `classnames`;
+    a split that names its own classes (an ImageFolder set's folders, matched to
+    `classnames` by position) must have as many as `classnames`."""
+    data = load_image_dataset(path, kind=CLASSIFICATION_KINDS)
     if len(data.labels) == 0:
         raise ReproInputError(f"{path}: holds no image")
+    own = data.meta.get("classnames")
+    if own is not None and len(own) != len(classnames):
+        raise ReproInputError(
+            f"{path}: a split of {len(own)} classes, but {SECTION}.classnames names "
+            f"{len(classnames)}"
+        )
     if int(data.labels.max()) >= len(classnames):
         raise ReproInputError(
             f"{path}: label {int(data.labels.max())} has no name in {SECTION}.classnames "
@@ -430,8 +438,8 @@ def main(argv=None) -> None:
     add = stage.parser.add_argument
     add("--fewshot", help="the few-shot set (real and real_synthetic)")
     add("--synthetic", help="the synthetic set (synthetic and real_synthetic)")
-    add("--val", required=True, help="the digits' validation split (selection)")
-    add("--test", required=True, help="the digits' test split (scored once)")
+    add("--val", required=True, help="the validation split, digits or imagefolder (selection)")
+    add("--test", required=True, help="the test split, digits or imagefolder (scored once)")
     add("--method", required=True, choices=METHODS)
     add("--generator", required=True, help="none | unadapted | cls | dset")
     args = stage.start(argv)

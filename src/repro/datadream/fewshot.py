@@ -1,6 +1,7 @@
-"""Stage datadream_fewshot: THE few-shot set of (shots, seed), drawn once from the digits
-train split and read by every method (generator LoRA, real-only and real+synthetic
-classifiers, sample grids), so that no method sees other real images than another.
+"""Stage datadream_fewshot: THE few-shot set of (shots, seed), drawn once from the train
+split (the digits', or an ImageFolder data set's) and read by every method (generator
+LoRA, real-only and real+synthetic classifiers, sample grids), so that no method sees
+other real images than another.
 (The official code's real-only baseline draws its own images: not copied.)
 
     python -m repro.datadream.fewshot --train data/digits/train.safetensors \
@@ -8,7 +9,9 @@ classifiers, sample grids), so that no method sees other real images than anothe
         --params '{"shots": 16, "seed": 0, "classnames": ["zero", ..., "nine"]}'
 
 The set is ordered by (label, train index): the same images in the same order for
-every reader, whatever order the seeded draw produced them in.
+every reader, whatever order the seeded draw produced them in. The train split's own
+class names (an ImageFolder set's folder names) may differ from datadream.classnames
+(the words of the prompts): they are matched by position, and their numbers must agree.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from pathlib import Path
 import torch
 
 from repro.core.cli import require
-from repro.core.data import ImageDataset, few_shot_indices, load_image_dataset, write_image_dataset
+from repro.core.data import (
+    CLASSIFICATION_KINDS,
+    ImageDataset,
+    few_shot_indices,
+    load_image_dataset,
+    write_image_dataset,
+)
 from repro.core.errors import ReproInputError
 from repro.core.io import sha256_file
 from repro.core.stage import Stage, run
@@ -48,6 +57,20 @@ def check_classnames(classnames, num_classes: int, where: str) -> list[str]:
             f"{where}"
         )
     return list(classnames)
+
+
+def check_class_order(source_names, classnames: list[str], where) -> None:
+    """The set's own class names (an ImageFolder set's folders, which fix its labels) and
+    datadream.classnames (the prompts' words) are matched by position. The same names
+    in another order would prompt every class with another class's name: refused."""
+    if source_names is None or list(source_names) == list(classnames):
+        return
+    if sorted(source_names) == sorted(classnames):
+        raise ReproInputError(
+            f"{SECTION}.classnames: {list(classnames)} names the classes of {where} in "
+            f"another order than its labels ({list(source_names)}); list them in the data "
+            "set's order (or fix the order with data.imagefolders.<name>.classnames)"
+        )
 
 
 def select_shots(labels: torch.Tensor, shots: int, seed: int, where: str) -> torch.Tensor:
@@ -82,6 +105,7 @@ def make_fewshot(train: ImageDataset, train_path: str | Path, params: dict) -> d
             f"{SECTION}.shots: {train_path} holds no image of classes "
             f"{[classnames[c] for c in missing]}"
         )
+    check_class_order(train.meta.get("classnames"), classnames, train_path)
     indices = select_shots(train.labels, shots, seed, str(train_path))
     meta = {
         "shots": shots,
@@ -92,6 +116,8 @@ def make_fewshot(train: ImageDataset, train_path: str | Path, params: dict) -> d
         "source": str(train_path),
         "source_sha256": sha256_file(train_path),
     }
+    if "classnames" in train.meta:  # an ImageFolder set: its folder names, by position
+        meta["source_classnames"] = list(train.meta["classnames"])
     return {
         "images": train.images[indices].clone(),
         "labels": train.labels[indices].clone(),
@@ -114,9 +140,11 @@ def load_fewshot(path: str | Path, classnames: list[str] | None = None) -> Image
 
 def main(argv=None) -> None:
     stage = Stage(__doc__, paper="datadream", out="the few-shot set (.safetensors)")
-    stage.parser.add_argument("--train", required=True, help="digits train split (.safetensors)")
+    stage.parser.add_argument(
+        "--train", required=True, help="the train split, digits or imagefolder (.safetensors)"
+    )
     args = stage.start(argv)
-    train = load_image_dataset(args.train, kind="digits")
+    train = load_image_dataset(args.train, kind=CLASSIFICATION_KINDS)
     fewshot = make_fewshot(train, args.train, stage.params)
     if stage.is_main:
         manifest = write_image_dataset(

@@ -1,6 +1,7 @@
 """Stage datadream_fid: how close a synthetic set is to the real data, as FID to the
-digits' test split (the paper's distribution-distance argument: adapted generators
-should give lower FID than the unadapted one), with the shared FID machinery
+real test split, the digits' or an ImageFolder data set's (the paper's
+distribution-distance argument: adapted generators should give lower FID than the
+unadapted one), with the shared FID machinery
 (repro.core.metrics; at tiny scale on the digit classifier's features).
 
     python -m repro.datadream.fid --synthetic data/datadream/synthetic/cls_16shot_s0.safetensors \
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from repro.core.data import ImageDataset, load_image_dataset
+from repro.core.data import CLASSIFICATION_KINDS, ImageDataset, load_image_dataset
 from repro.core.errors import ReproInputError
 from repro.core.io import write_json
 from repro.core.metrics import build_scorer
@@ -61,14 +62,14 @@ def main(argv=None) -> None:
     stage = Stage(__doc__, paper="datadream", out="FID JSON")
     add = stage.parser.add_argument
     add("--synthetic", required=True, help="the synthetic set (.safetensors)")
-    add("--reference", required=True, help="the real reference images (digits test split)")
+    add("--reference", required=True, help="the real reference images (the test split)")
     add("--classifier", default=None, help="digit classifier (feature_net digit_classifier)")
     args = stage.start(argv)
     params = dict(stage.params)
     if args.classifier is not None:
         params["classifier"] = args.classifier
     synthetic = load_synthetic(args.synthetic)
-    reference = load_image_dataset(args.reference, kind="digits")
+    reference = load_image_dataset(args.reference, kind=CLASSIFICATION_KINDS)
     scores = fid_of(synthetic, reference, params, str(args.synthetic), device=stage.device)
     result = {
         **{k: synthetic.meta[k] for k in META_KEYS},

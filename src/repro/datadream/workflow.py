@@ -91,6 +91,13 @@ def checks(cfg: Mapping) -> list[str]:
         errors.append(
             f"datadream.classifier.real_weight + synthetic_weight: must sum to 1, got {weights:g}"
         )
+    dataset = dd.get("dataset", "digits")
+    folders = cfg.get("data", {}).get("imagefolders") or {}
+    if dataset != "digits" and dataset not in folders:
+        errors.append(
+            f"datadream.dataset: {dataset!r} is neither 'digits' nor a data set of "
+            f"data.imagefolders ({sorted(folders)})"
+        )
     for key in ("t2i", "clip"):
         if key not in cfg.get("foundation", {}):
             errors.append(f"foundation.{key}: DataDream needs this foundation model")
