@@ -3,7 +3,9 @@
 # fine-tunes per tree, each on a random subset of the digit classes, trained
 # batched -> probes of one layer's weights (ProbeX, Dense, StatNN; one ProbeX across
 # trees; tree experts behind a nearest-base router), epoch chosen on the val models,
-# test models scored once -> the layer study -> tables, figures, claims.
+# test models scored once -> the layer study; a LoRA zoo of the tiny text-to-image
+# model -> probes aligned to the tiny CLIP's text embeddings, scored on classes never
+# seen in training (zero-shot) -> tables, figures, claims.
 # Registered in repro.probex.workflow; config section `probex`, schema
 # schemas/probex.schema.yaml.
 
@@ -148,10 +150,88 @@ rule probex_layers:
         )
 
 
+rule probex_lora_zoo:
+    input:
+        corpus=rules.glyph_corpus.output.corpus,
+        t2i=foundation_input("t2i"),
+    output:
+        zoo=directory("data/probex/lora_zoo"),
+        metrics="results/probex/lora_zoo.json",
+    log:
+        "logs/probex/lora_zoo.log",
+    benchmark:
+        "benchmarks/rules/probex/lora_zoo.tsv"
+    conda:
+        "../envs/probex.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=gpus(),
+    params:
+        cfg=json.dumps(
+            {
+                "lora_zoo": PROBEX["lora_zoo"],
+                "classnames": PROBEX["classnames"],
+                "num_classes": PROBEX["num_classes"],
+                # The corpus tail every foundation model holds out: never a LoRA's image.
+                "heldout": config["data"]["corpus"]["heldout"],
+                "foundation": foundation_params("t2i"),
+            },
+            sort_keys=True,
+        ),
+        checkpoints="checkpoints/probex/lora_zoo",
+    shell:
+        stage(
+            "repro.probex.lora_zoo",
+            "--corpus {input.corpus:q} --out {output.zoo:q} --metrics {output.metrics:q}"
+            " --checkpoint-dir {params.checkpoints:q}",
+            rule="probex_lora_zoo",
+        )
+
+
+rule probex_zeroshot:
+    input:
+        zoo=rules.probex_lora_zoo.output.zoo,
+        clip=foundation_input("clip"),
+    output:
+        table="results/probex/runs/zeroshot_s{seed}.csv",
+        metrics="results/probex/runs/zeroshot_s{seed}.json",
+    log:
+        "logs/probex/zeroshot_s{seed}.log",
+    benchmark:
+        "benchmarks/rules/probex/zeroshot_s{seed}.tsv"
+    conda:
+        "../envs/probex.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=gpus(),
+    params:
+        cfg=lambda wildcards: json.dumps(
+            {
+                "seed": int(wildcards.seed),
+                "zeroshot": PROBEX["zeroshot"],
+                "classnames": PROBEX["classnames"],
+                "foundation": foundation_params("clip"),
+            },
+            sort_keys=True,
+        ),
+        manifest=lambda wildcards, input: os.path.join(input.zoo, "manifest.json"),
+    shell:
+        stage(
+            "repro.probex.zeroshot",
+            "--zoo {params.manifest:q} --out {output.table:q} --metrics {output.metrics:q}",
+            rule="probex_zeroshot",
+        )
+
+
 rule probex_table:
     input:
         runs=probex_runs("probe"),
         layer_runs=probex_runs("layers"),
+        zeroshot_runs=probex_runs("zeroshot"),
     output:
         accuracy=report(
             "results/probex_accuracy.csv",
@@ -162,6 +242,12 @@ rule probex_table:
         layers=report(
             "results/probex_layers.csv",
             caption="../report/probex_layers_table.rst",
+            category=PROBEX_LABEL,
+            subcategory="Tables",
+        ),
+        zeroshot=report(
+            "results/probex_zeroshot.csv",
+            caption="../report/probex_zeroshot_table.rst",
             category=PROBEX_LABEL,
             subcategory="Tables",
         ),
@@ -179,7 +265,9 @@ rule probex_table:
         stage(
             "repro.probex.table",
             "--runs {input.runs:q} --layer-runs {input.layer_runs:q}"
-            " --accuracy-out {output.accuracy:q} --layers-out {output.layers:q}",
+            " --zeroshot-runs {input.zeroshot_runs:q}"
+            " --accuracy-out {output.accuracy:q} --layers-out {output.layers:q}"
+            " --zeroshot-out {output.zeroshot:q}",
         )
 
 
@@ -187,6 +275,7 @@ rule probex_figures:
     input:
         accuracy=rules.probex_table.output.accuracy,
         layers=rules.probex_table.output.layers,
+        zeroshot=rules.probex_table.output.zeroshot,
     output:
         accuracy=report(
             "results/figures/probex_accuracy.png",
@@ -206,6 +295,12 @@ rule probex_figures:
             category=PROBEX_LABEL,
             subcategory="Figures",
         ),
+        zeroshot=report(
+            "results/figures/probex_zeroshot.png",
+            caption="../report/probex_zeroshot.rst",
+            category=PROBEX_LABEL,
+            subcategory="Figures",
+        ),
     log:
         "logs/probex/figures.log",
     benchmark:
@@ -221,13 +316,15 @@ rule probex_figures:
             "repro.probex.plots",
             "--accuracy {input.accuracy:q} --layers {input.layers:q}"
             " --accuracy-out {output.accuracy:q} --layers-out {output.layers:q}"
-            " --parameters-out {output.parameters:q}",
+            " --parameters-out {output.parameters:q}"
+            " --zeroshot {input.zeroshot:q} --zeroshot-out {output.zeroshot:q}",
         )
 
 
 rule probex_claims:
     input:
         accuracy=rules.probex_table.output.accuracy,
+        zeroshot=rules.probex_table.output.zeroshot,
     output:
         "results/claims/probex.csv",
     log:
@@ -245,5 +342,6 @@ rule probex_claims:
     shell:
         stage(
             "repro.probex.claims",
-            "--accuracy {input.accuracy:q} --out {output:q} --params {params.cfg:q}",
+            "--accuracy {input.accuracy:q} --zeroshot {input.zeroshot:q} --out {output:q}"
+            " --params {params.cfg:q}",
         )

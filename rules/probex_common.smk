@@ -51,5 +51,5 @@ def probex_params(*keys, seed=None, **extra):
 
 
 def probex_runs(kind):
-    """Every seed's table of one probe stage (kind: probe or layers)."""
+    """Every seed's table of one probe stage (kind: probe, layers or zeroshot)."""
     return [f"results/probex/runs/{kind}_s{seed}.csv" for seed in SEEDS]

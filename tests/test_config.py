@@ -88,6 +88,8 @@ BAD = [
     ("probex.subset_size", 10, ["probex.subset_size", "between 1 and"]),
     ("probex.zoo.split", {"val": 0.5, "test": 0.5}, ["probex.zoo.split", "no model to train"]),
     ("probex.zoo.lr", [0.01, 0.001], ["probex.zoo.lr", "not a range"]),
+    ("probex.zeroshot.heldout_classes", 9, ["probex.zeroshot.heldout_classes", "between 2"]),
+    ("probex.zeroshot.prompt", "a glyph", ["probex.zeroshot.prompt", "does not match"]),
     (
         "probex.trees",
         [

@@ -130,6 +130,52 @@ def test_experts_claim_reports_routing_accuracy():
     assert "routing accuracy 95.0%" in claim.reference
 
 
+def zeroshot(accuracies, chance=1 / 3, dense=0.4):
+    """accuracies: {seed: ProbeX's zero-shot accuracy}; Dense at `dense` on every seed."""
+    rows_ = []
+    for seed, acc in accuracies.items():
+        for method, value in (("probex", acc), ("dense", dense)):
+            rows_.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "layer": "to_q",
+                    "heldout": f"held{seed}",
+                    "seen_val_accuracy": 0.9,
+                    "seen_test_accuracy": 0.9,
+                    "zeroshot_accuracy": value,
+                    "chance": chance,
+                    "parameters": 10,
+                    "best_epoch": 1,
+                    "n_train": 70,
+                    "n_zeroshot": 60,
+                }
+            )
+    return pd.DataFrame(rows_)
+
+
+def test_zeroshot_far_above_chance_inside_and_outside_the_margin():
+    base = table(rows("probex", BASE), rows("statnn", BASE), rows("dense", BASE))
+    chance = 0.25
+    # 10.5 points above chance on every seed (std 0): above the 10-point margin
+    claim = claims.build_claims(base, zeroshot({0: 0.355, 1: 0.355, 2: 0.355}, chance))[3]
+    assert claim.verdict == "holds" and claim.measured_mean == pytest.approx(10.5)
+    # 9.5 above: not far enough; 5, 10, 15 (mean 10, std 5): straddles
+    assert (
+        claims.build_claims(base, zeroshot({0: 0.345, 1: 0.345, 2: 0.345}, chance))[3].verdict
+        == "does not hold"
+    )
+    assert (
+        claims.build_claims(base, zeroshot({0: 0.30, 1: 0.35, 2: 0.40}, chance))[3].verdict
+        == "inconclusive"
+    )
+    # the margin comes from the caller
+    loose = claims.build_claims(base, zeroshot({0: 0.345, 1: 0.345, 2: 0.345}, chance), margin=5)
+    assert loose[3].verdict == "holds"
+    assert "Dense aligned the same way 40.0%" in claim.reference
+    assert "held0, held1, held2" in claim.reference
+
+
 def test_a_table_without_the_columns_is_refused():
     with pytest.raises(ReproInputError, match="lacks columns"):
         claims.build_claims(pd.DataFrame({"method": ["probex"]}))

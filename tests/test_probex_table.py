@@ -5,7 +5,7 @@ import pytest
 
 from repro.core.errors import ReproInputError
 from repro.probex import table as probex_table
-from repro.probex.table import ACCURACY_COLUMNS, LAYER_COLUMNS
+from repro.probex.table import ACCURACY_COLUMNS, LAYER_COLUMNS, ZEROSHOT_COLUMNS
 
 
 def accuracy_rows(seed, methods=("dense", "probex", "probex_experts"), acc=0.8):
@@ -50,6 +50,29 @@ def layer_rows(seed, chosen=("b",)):
     )
 
 
+def zeroshot_rows(seed, methods=("dense", "probex"), acc=0.7):
+    return pd.DataFrame(
+        [
+            {
+                "method": m,
+                "seed": seed,
+                "layer": "mid_block.attentions.0.transformer_blocks.0.attn2.to_q",
+                "heldout": "three+five+eight",
+                "seen_val_accuracy": 0.9,
+                "seen_test_accuracy": 0.85,
+                "zeroshot_accuracy": acc,
+                "chance": 1 / 3,
+                "parameters": 100,
+                "best_epoch": 3,
+                "n_train": 70,
+                "n_zeroshot": 60,
+            }
+            for m in methods
+        ],
+        columns=ZEROSHOT_COLUMNS,
+    )
+
+
 def write(frames, tmp_path, stem):
     paths = []
     for i, frame in enumerate(frames):
@@ -91,12 +114,30 @@ def test_exactly_one_chosen_layer_per_tree_and_seed(tmp_path):
         probex_table.layers_table(write([layer_rows(0, ())], tmp_path, "none"))
 
 
-def test_the_stage_writes_both_tables(tmp_path):
+def test_zeroshot_rows_are_checked_and_ordered(tmp_path):
+    t = probex_table.zeroshot_table(write([zeroshot_rows(1), zeroshot_rows(0)], tmp_path, "z"))
+    assert list(t.columns) == ZEROSHOT_COLUMNS
+    assert list(zip(t.method, t.seed, strict=True)) == [
+        ("probex", 0),
+        ("probex", 1),
+        ("dense", 0),
+        ("dense", 1),
+    ]
+    with pytest.raises(ReproInputError, match="zeroshot_accuracy.*not a fraction"):
+        probex_table.zeroshot_table(write([zeroshot_rows(0, acc=70.0)], tmp_path, "pct"))
+    with pytest.raises(ReproInputError, match="unknown methods"):
+        probex_table.zeroshot_table(write([zeroshot_rows(0, ("statnn",))], tmp_path, "m"))
+
+
+def test_the_stage_writes_the_three_tables(tmp_path):
     runs = write([accuracy_rows(0)], tmp_path, "p")
     layer_runs = write([layer_rows(0)], tmp_path, "l")
-    acc, layers = tmp_path / "acc.csv", tmp_path / "layers.csv"
+    zeroshot_runs = write([zeroshot_rows(0)], tmp_path, "z")
+    acc, layers, zeroshot = tmp_path / "acc.csv", tmp_path / "layers.csv", tmp_path / "z.csv"
     probex_table.main(
         ["--runs", *map(str, runs), "--layer-runs", *map(str, layer_runs)]
-        + ["--accuracy-out", str(acc), "--layers-out", str(layers)]
+        + ["--zeroshot-runs", *map(str, zeroshot_runs)]
+        + ["--accuracy-out", str(acc), "--layers-out", str(layers), "--zeroshot-out", str(zeroshot)]
     )
     assert len(pd.read_csv(acc)) == 3 and len(pd.read_csv(layers)) == 2
+    assert len(pd.read_csv(zeroshot)) == 2

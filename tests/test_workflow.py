@@ -26,6 +26,7 @@ from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS
 from repro.probex import workflow as probex_workflow
 from repro.probex.table import ACCURACY_COLUMNS as PROBEX_COLUMNS
 from repro.probex.table import LAYER_COLUMNS as PROBEX_LAYER_COLUMNS
+from repro.probex.table import ZEROSHOT_COLUMNS as PROBEX_ZEROSHOT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The documented way to pick a scale (README): its profile, which leaves targets alone.
@@ -79,8 +80,10 @@ def smoke(tmp_path_factory):
     run(["git", "init", "-q", "-b", "main"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "snapshot"], repo, env)
-    run(["dvc", "repro"], repo, env)
-    run(["snakemake", "--cores", "2", *SMOKE], repo, env)
+    # The whole smoke DAG: ~10 minutes on 2 idle cores (the timeouts leave room for a
+    # loaded machine).
+    run(["dvc", "repro"], repo, env, timeout=1500)
+    run(["snakemake", "--cores", "2", *SMOKE], repo, env, timeout=1500)
     config = merge(load_yaml(repo / "config.yaml"), load_yaml(repo / "configs/smoke.yaml"))
     return {"repo": repo, "parent": parent, "env": env, "config": config}
 
@@ -156,6 +159,15 @@ def test_probex_tables(smoke):
     assert list(layers.columns) == PROBEX_LAYER_COLUMNS
     assert set(layers.tree) == trees
     assert (layers.groupby(["tree", "seed"]).chosen.sum() == 1).all()
+    zeroshot = pd.read_csv(smoke["repo"] / "results/probex_zeroshot.csv")
+    assert list(zeroshot.columns) == PROBEX_ZEROSHOT_COLUMNS
+    methods = set(px["zeroshot"]["methods"])
+    assert set(zip(zeroshot.method, zeroshot.seed, strict=True)) == {
+        (m, s) for m in methods for s in seeds
+    }
+    held = px["zeroshot"]["heldout_classes"]
+    assert (zeroshot.heldout.str.split("+").str.len() == held).all()
+    assert zeroshot.chance.eq(1 / held).all()
 
 
 def test_the_ladder_compares_the_rungs(smoke):
@@ -202,8 +214,9 @@ def test_claims_are_computed_for_datadream(smoke):
 def test_claims_are_computed_for_probex(smoke):
     claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
     px = claims[claims.paper == "ProbeX"]
-    # beats StatNN; matches Dense with far fewer parameters; experts beat one across trees
-    assert len(px) == 3
+    # beats StatNN; matches Dense with far fewer parameters; experts beat one across
+    # trees; zero-shot far above chance
+    assert len(px) == 4
     assert set(px.verdict) <= set(VERDICTS)
 
 
@@ -260,6 +273,8 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "probex_zoo": len(px["trees"]),
         "probex_probe": seeds,
         "probex_layers": seeds,
+        "probex_lora_zoo": 1,
+        "probex_zeroshot": seeds,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]

@@ -23,6 +23,8 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "probex_zoo": None,
     "probex_probe": None,
     "probex_layers": None,
+    "probex_lora_zoo": None,
+    "probex_zeroshot": None,
     "sla_kernel_bench": None,
 }
 CPU_RULES = frozenset(

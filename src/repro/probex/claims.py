@@ -10,8 +10,13 @@ does not hold when mean + std <= 0, and is inconclusive when the spread straddle
 (core.results.spread_verdict). "Matches or beats" uses the threshold -tolerance
 instead of 0. Fewer than `min_seeds` seeds (default 3) decide nothing.
 
+Zero-shot: per seed (each seed holds out its own classes), ProbeX's zero-shot accuracy
+minus chance (1 / number of held-out classes) in points; "far above chance" holds when
+mean - std of that lies above `zeroshot_margin` points.
+
     python -m repro.probex.claims --accuracy results/probex_accuracy.csv \
-        --out results/claims/probex.csv --params '{"match_tolerance": 1.0, "max_param_ratio": 0.25}'
+        --zeroshot results/probex_zeroshot.csv --out results/claims/probex.csv \
+        --params '{"match_tolerance": 1.0, "max_param_ratio": 0.25, "zeroshot_margin": 10}'
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pandas as pd
 from repro.core.errors import ReproInputError
 from repro.core.results import Claim, read_table, spread_verdict, write_claims
 from repro.core.stage import Stage, run
-from repro.probex.table import ACCURACY_COLUMNS
+from repro.probex.table import ACCURACY_COLUMNS, ZEROSHOT_COLUMNS
 
 PAPER = "ProbeX"
 MIN_SEEDS = 3
@@ -30,10 +35,13 @@ MATCH_TOLERANCE = 1.0
 # "Far fewer parameters": ProbeX at most this fraction of Dense's on every tree (the
 # paper's 2.5M against 32M is 0.08).
 MAX_PARAM_RATIO = 0.25
+# "Far above chance": zero-shot accuracy at least this many points above chance.
+ZEROSHOT_MARGIN = 10.0
 PAPER_NUMBERS = {
     "statnn": "paper (Model-J, element-wise %): StatNN ~55, ProbeX 72.5-88.1 per subset",
     "dense": "paper (SD_200): Dense 0.801 with 32M parameters, ProbeX 0.973 with 2.5M",
     "experts": "paper: one expert per Model Tree, a router by the nearest base model",
+    "zeroshot": "paper (SD_200, held-out classes): ProbeX 0.898, Dense 0.706",
 }
 
 
@@ -133,16 +141,46 @@ def experts_claim(table: pd.DataFrame, min_seeds: int) -> Claim:
     return claim
 
 
+def zeroshot_claim(zeroshot: pd.DataFrame, margin: float, min_seeds: int) -> Claim:
+    """ProbeX aligned to text, on models of classes it never saw: accuracy - chance per
+    seed (points), against `margin`."""
+    rows = zeroshot[zeroshot.method == "probex"].groupby("seed")
+    above = 100.0 * (rows.zeroshot_accuracy.mean() - rows.chance.mean())
+    mean, std, n, verdict = spread_verdict(above, margin, "higher", min_seeds)
+    dense = zeroshot[zeroshot.method == "dense"]
+    probex = zeroshot[zeroshot.method == "probex"]
+    reference = (
+        f"{PAPER_NUMBERS['zeroshot']}; here ProbeX {probex.zeroshot_accuracy.mean():.1%} "
+        f"(Dense aligned the same way {dense.zeroshot_accuracy.mean():.1%}) against chance "
+        f"{probex.chance.mean():.1%}, held-out classes per seed: "
+        f"{', '.join(sorted(set(probex.heldout.astype(str))))}{seeds_note(n, min_seeds)}"
+    )
+    return Claim(
+        PAPER,
+        "Zero-shot: ProbeX aligned to text embeddings classifies models of unseen classes "
+        "far above chance",
+        f"zero-shot accuracy - chance (percentage points), per seed, > {margin:g}",
+        mean,
+        std,
+        n,
+        reference,
+        verdict,
+    )
+
+
 def build_claims(
     table: pd.DataFrame,
+    zeroshot: pd.DataFrame | None = None,
     *,
     tolerance: float = MATCH_TOLERANCE,
     max_ratio: float = MAX_PARAM_RATIO,
+    margin: float = ZEROSHOT_MARGIN,
     min_seeds: int = MIN_SEEDS,
 ) -> list[Claim]:
     missing = [c for c in ACCURACY_COLUMNS if c not in table]
     if missing:
         raise ReproInputError(f"the accuracy table lacks columns {missing}")
+    extra = [] if zeroshot is None else [zeroshot_claim(zeroshot, margin, min_seeds)]
     return [
         beats_claim(
             table,
@@ -154,18 +192,23 @@ def build_claims(
         ),
         matches_dense_claim(table, tolerance, max_ratio, min_seeds),
         experts_claim(table, min_seeds),
+        *extra,
     ]
 
 
 def main(argv=None) -> None:
     stage = Stage(__doc__, paper="probex")
     stage.parser.add_argument("--accuracy", required=True, help="results/probex_accuracy.csv")
+    stage.parser.add_argument("--zeroshot", help="results/probex_zeroshot.csv")
     stage.parser.add_argument("--out", required=True, help="results/claims/probex.csv")
     args = stage.start(argv)
     table = read_table(args.accuracy, required=ACCURACY_COLUMNS)
+    zeroshot = read_table(args.zeroshot, required=ZEROSHOT_COLUMNS) if args.zeroshot else None
     params = stage.params
     claims = build_claims(
         table,
+        zeroshot,
+        margin=float(params.get("zeroshot_margin", ZEROSHOT_MARGIN)),
         tolerance=float(params.get("match_tolerance", MATCH_TOLERANCE)),
         max_ratio=float(params.get("max_param_ratio", MAX_PARAM_RATIO)),
         min_seeds=int(params.get("min_seeds", MIN_SEEDS)),

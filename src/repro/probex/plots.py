@@ -5,7 +5,10 @@
 - layers: the layer study: accuracy of ProbeX on every eligible layer of each tree,
   the layer chosen on validation ringed;
 - parameters: accuracy against the probe's parameter count (log scale), one marker
-  per method and tree: what ProbeX buys over Dense.
+  per method and tree: what ProbeX buys over Dense;
+- zeroshot: probes aligned to text, on the LoRA zoo: accuracy on models of the seen
+  classes (among the seen classes) and of classes never seen in training (among the
+  held-out classes), chance of each as a dashed tick.
 
 Every accuracy is a test accuracy at the epoch chosen on the validation models. The
 drawing functions return the matplotlib Figure.
@@ -13,7 +16,8 @@ drawing functions return the matplotlib Figure.
     python -m repro.probex.plots --accuracy results/probex_accuracy.csv \
         --layers results/probex_layers.csv --accuracy-out results/figures/probex_accuracy.png \
         --layers-out results/figures/probex_layers.png \
-        --parameters-out results/figures/probex_parameters.png
+        --parameters-out results/figures/probex_parameters.png \
+        --zeroshot results/probex_zeroshot.csv --zeroshot-out results/figures/probex_zeroshot.png
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pandas as pd  # noqa: E402
 from repro.core.io import atomic_write  # noqa: E402
 from repro.core.results import read_table  # noqa: E402
 from repro.core.stage import Stage, run  # noqa: E402
-from repro.probex.table import ACCURACY_COLUMNS, LAYER_COLUMNS  # noqa: E402
+from repro.probex.table import ACCURACY_COLUMNS, LAYER_COLUMNS, ZEROSHOT_COLUMNS  # noqa: E402
 from repro.probex.workflow import METHODS  # noqa: E402
 
 METHOD_NAME = {
@@ -195,6 +199,49 @@ def parameters_figure(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+ZEROSHOT_NAME = {"probex": "ProbeX, aligned to text", "dense": "Dense, aligned to text"}
+
+
+def zeroshot_figure(zeroshot: pd.DataFrame) -> plt.Figure:
+    """Two groups (seen classes, held-out classes), one bar per method, chance marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if zeroshot.empty:
+        no_data(ax)
+        return fig
+    groups = [
+        ("seen_test_accuracy", "models of seen classes\n(test models, among seen classes)"),
+        ("zeroshot_accuracy", "models of held-out classes\n(zero-shot, among held-out classes)"),
+    ]
+    methods = [m for m in ("probex", "dense") if m in set(zeroshot.method)]
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        rows = zeroshot[zeroshot.method == method]
+        for i, (column, _) in enumerate(groups):
+            mean, std, xs = percent_stats(rows[column])
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(
+                x,
+                mean,
+                width * 0.9,
+                yerr=std,
+                capsize=3,
+                color=COLOR["probex" if method == "probex" else "dense"],
+                alpha=0.85,
+                label=ZEROSHOT_NAME[method] if i == 0 else None,
+            )
+            ax.scatter(np.full(xs.size, x), xs, s=10, color="k", zorder=3)
+    chance = 100.0 * zeroshot.chance.mean()
+    ax.hlines(chance, 0.6, 1.4, colors="0.3", linestyles="--", label=f"chance ({chance:.0f} %)")
+    ax.set_xticks(range(len(groups)), [label for _, label in groups], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    held = ", ".join(sorted(set(zeroshot.heldout.astype(str))))
+    ax.set_title(f"Which class was each LoRA trained on? (held out per seed: {held})", fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
 def main(argv=None) -> None:
     stage = Stage(__doc__, paper="probex")
     add = stage.parser.add_argument
@@ -203,12 +250,16 @@ def main(argv=None) -> None:
     add("--accuracy-out", required=True)
     add("--layers-out", required=True)
     add("--parameters-out", required=True)
+    add("--zeroshot", required=True, help="results/probex_zeroshot.csv")
+    add("--zeroshot-out", required=True)
     args = stage.start(argv)
     table = read_table(args.accuracy, required=ACCURACY_COLUMNS)
     layers = read_table(args.layers, required=LAYER_COLUMNS)
     save_figure(accuracy_figure(table), args.accuracy_out)
     save_figure(layers_figure(layers), args.layers_out)
     save_figure(parameters_figure(table), args.parameters_out)
+    zeroshot = read_table(args.zeroshot, required=ZEROSHOT_COLUMNS)
+    save_figure(zeroshot_figure(zeroshot), args.zeroshot_out)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ from repro.core.papers import PaperSpec
 
 ACCURACY = "results/probex_accuracy.csv"
 LAYERS = "results/probex_layers.csv"
+ZEROSHOT = "results/probex_zeroshot.csv"
 FIGURES = {
     "accuracy": "results/figures/probex_accuracy.png",
     "layers": "results/figures/probex_layers.png",
     "parameters": "results/figures/probex_parameters.png",
+    "zeroshot": "results/figures/probex_zeroshot.png",
 }
 CLAIMS = "results/claims/probex.csv"
 
@@ -30,7 +32,7 @@ METHODS = PER_TREE_METHODS + ACROSS_TREES_METHODS
 
 
 def targets(config: Mapping) -> list[str]:
-    return [ACCURACY, LAYERS, *FIGURES.values(), CLAIMS]
+    return [ACCURACY, LAYERS, ZEROSHOT, *FIGURES.values(), CLAIMS]
 
 
 def tree_names(px: Mapping) -> list[str]:
@@ -67,6 +69,15 @@ def checks(cfg: Mapping) -> list[str]:
     low, high = px["zoo"]["epochs"]
     if low > high:
         errors.append(f"probex.zoo.epochs: [{low}, {high}] is not a range (low > high)")
+    heldout = px["zeroshot"]["heldout_classes"]
+    if not 2 <= heldout <= px["num_classes"] - 2:
+        errors.append(
+            f"probex.zeroshot.heldout_classes: {heldout} must be between 2 (a choice to make) "
+            f"and probex.num_classes - 2 ({px['num_classes'] - 2}: two seen classes to train on)"
+        )
+    for key in ("t2i", "clip"):
+        if key not in cfg.get("foundation", {}):
+            errors.append(f"foundation.{key}: ProbeX's zero-shot path needs this foundation model")
     return errors
 
 
@@ -76,7 +87,7 @@ PAPER = PaperSpec(
     label="ProbeX",
     schema="probex.schema.yaml",
     targets=targets,
-    tables=(ACCURACY, LAYERS),
+    tables=(ACCURACY, LAYERS, ZEROSHOT),
     claims=CLAIMS,
     checks=checks,
 )
