@@ -90,8 +90,9 @@ class FinetuneConfig:
     head_seed: int | None  # its fresh head's init; None: the base's head
 
 
-def _range(zoo: dict, key: str, kind: type) -> tuple:
-    value = require(zoo, key, SECTION)
+def config_range(section: dict, key: str, kind: type, where: str = SECTION) -> tuple:
+    """section[key] as (low, high) of `kind`, 0 < low <= high; errors name `where`.key."""
+    value = require(section, key, where)
     if (
         not isinstance(value, list)
         or len(value) != 2
@@ -100,7 +101,7 @@ def _range(zoo: dict, key: str, kind: type) -> tuple:
         or (kind is int and not all(isinstance(v, int) for v in value))
     ):
         raise ReproInputError(
-            f"{SECTION}.{key}: must be [low, high] with 0 < low <= high"
+            f"{where}.{key}: must be [low, high] with 0 < low <= high"
             f"{' (integers)' if kind is int else ''}, got {value!r}"
         )
     return kind(value[0]), kind(value[1])
@@ -121,8 +122,8 @@ def draw_configs(params: dict) -> list[FinetuneConfig]:
     count = require(zoo, "models_per_tree", SECTION)
     if isinstance(count, bool) or not isinstance(count, int) or count < 2:
         raise ReproInputError(f"{SECTION}.models_per_tree: must be an integer >= 2, got {count!r}")
-    lr_low, lr_high = _range(zoo, "lr", float)
-    epochs_low, epochs_high = _range(zoo, "epochs", int)
+    lr_low, lr_high = config_range(zoo, "lr", float)
+    epochs_low, epochs_high = config_range(zoo, "epochs", int)
     schedules = require(zoo, "schedules", SECTION)
     if not isinstance(schedules, list) or not schedules or set(schedules) - set(SCHEDULES):
         raise ReproInputError(

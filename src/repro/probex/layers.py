@@ -37,20 +37,12 @@ from repro.probex.probe import (
     tree_data,
     tree_layers,
 )
+from repro.probex.table import LAYER_COLUMNS
 from repro.probex.zoo import Zoo
 
 log = logging.getLogger(__name__)
 
-ROW_COLUMNS = [
-    "tree",
-    "layer",
-    "shape",
-    "seed",
-    "val_accuracy",
-    "test_accuracy",
-    "parameters",
-    "chosen",
-]
+ROW_COLUMNS = LAYER_COLUMNS  # the table's contract (repro.probex.table)
 
 
 def probe_layers(

@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from repro.core.cli import require
 from repro.core.errors import ReproInputError
-from repro.probex.finetune import StackedAdam
+from repro.probex.finetune import StackedAdam, config_range
 from repro.probex.zoo import MANIFEST_NAME, assign_splits, write_manifest, write_zoo_model
 
 log = logging.getLogger(__name__)
@@ -138,22 +138,6 @@ def _positive_int(section: Mapping, key: str, minimum: int = 1) -> int:
     return value
 
 
-def _range(section: Mapping, key: str, kind: type) -> tuple:
-    value = require(section, key, SECTION)
-    if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        or not 0 < value[0] <= value[1]
-        or (kind is int and not all(isinstance(v, int) for v in value))
-    ):
-        raise ReproInputError(
-            f"{SECTION}.{key}: must be [low, high] with 0 < low <= high"
-            f"{' (integers)' if kind is int else ''}, got {value!r}"
-        )
-    return kind(value[0]), kind(value[1])
-
-
 def zoo_settings(params: Mapping) -> ZooSettings:
     """`params["lora_zoo"]` as ZooSettings; a missing or bad value names its key."""
     zoo = require(params, "lora_zoo", "probex")
@@ -192,8 +176,8 @@ def zoo_settings(params: Mapping) -> ZooSettings:
         rank=_positive_int(zoo, "rank"),
         alpha=float(alpha),
         targets=list(targets),
-        lr=_range(zoo, "lr", float),
-        steps=_range(zoo, "steps", int),
+        lr=config_range(zoo, "lr", float, SECTION),
+        steps=config_range(zoo, "steps", int, SECTION),
         batch_size=_positive_int(zoo, "batch_size"),
         caption=caption,
         init=init,

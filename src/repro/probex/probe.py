@@ -56,26 +56,14 @@ from repro.foundation.backbones import layer_matrix
 from repro.probex.evaluate import elementwise_accuracy, evaluate, predict
 from repro.probex.model import DenseExpert, ProbeX, StatNN, count_parameters, weight_statistics
 from repro.probex.route import route, routing_accuracy
+from repro.probex.table import ACCURACY_COLUMNS
+from repro.probex.workflow import PER_TREE_METHODS
 from repro.probex.zoo import Zoo, load_base_state, load_layer, load_state, load_states, load_zoo
 
 log = logging.getLogger(__name__)
 
 SECTION = "probex"
-ROW_COLUMNS = [
-    "method",
-    "tree",
-    "layer",
-    "seed",
-    "val_accuracy",
-    "test_accuracy",
-    "parameters",
-    "n_train",
-    "n_val",
-    "n_test",
-    "best_epoch",
-    "routing_accuracy",
-]
-PER_TREE_METHODS = ("probex", "dense", "statnn")
+ROW_COLUMNS = ACCURACY_COLUMNS  # the table's contract (repro.probex.table)
 
 
 # --------------------------------------------------------------------------- training

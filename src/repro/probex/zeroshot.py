@@ -61,26 +61,14 @@ from repro.core.errors import ReproInputError
 from repro.core.results import write_table
 from repro.core.stage import Stage, run
 from repro.probex.model import DenseExpert, ProbeX, count_parameters
+from repro.probex.table import ZEROSHOT_COLUMNS, ZEROSHOT_METHODS
 from repro.probex.zoo import Zoo, load_layer, load_zoo
 
 log = logging.getLogger(__name__)
 
 SECTION = "probex.zeroshot"
-METHODS = ("probex", "dense")
-ROW_COLUMNS = [
-    "method",
-    "seed",
-    "layer",
-    "heldout",
-    "seen_val_accuracy",
-    "seen_test_accuracy",
-    "zeroshot_accuracy",
-    "chance",
-    "parameters",
-    "best_epoch",
-    "n_train",
-    "n_zeroshot",
-]
+METHODS = ZEROSHOT_METHODS
+ROW_COLUMNS = ZEROSHOT_COLUMNS  # the table's contract (repro.probex.table)
 LEARNED_INIT = 0.07  # CLIP's initial temperature, for temperature "learned"
 
 
