@@ -29,6 +29,7 @@ include: "rules/foundation_clip.smk"
 include: "rules/agd.smk"
 include: "rules/datadream.smk"
 include: "rules/probex.smk"
+include: "rules/fedre.smk"
 include: "rules/sla.smk"
 include: "rules/report.smk"
 

@@ -23,6 +23,10 @@ from repro.core.papers import discover_papers, paper_targets
 from repro.core.results import CLAIM_COLUMNS, VERDICTS
 from repro.datadream import workflow as datadream_workflow
 from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS
+from repro.fedre import workflow as fedre_workflow
+from repro.fedre.table import ACCURACY_COLUMNS as FEDRE_COLUMNS
+from repro.fedre.table import COMMUNICATION_COLUMNS as FEDRE_COMM_COLUMNS
+from repro.fedre.table import SUMMARY_COLUMNS as FEDRE_SUMMARY_COLUMNS
 from repro.probex import workflow as probex_workflow
 from repro.probex.table import ACCURACY_COLUMNS as PROBEX_COLUMNS
 from repro.probex.table import LAYER_COLUMNS as PROBEX_LAYER_COLUMNS
@@ -170,6 +174,31 @@ def test_probex_tables(smoke):
     assert zeroshot.chance.eq(1 / held).all()
 
 
+def test_fedre_tables(smoke):
+    """Every algorithm on every task, partition and seed, every round, every client."""
+    fr, seeds = smoke["config"]["fedre"], smoke["config"]["seeds"]
+    runs = {(t, p, a, s) for t in fr["tasks"] for p in fr["partitions"]
+            for a in fr["algorithms"] for s in seeds}  # fmt: skip
+    acc = pd.read_csv(smoke["repo"] / "results/fedre_accuracy.csv")
+    assert list(acc.columns) == FEDRE_COLUMNS
+    keys = zip(acc.task, acc.partition, acc.algorithm, acc.seed, strict=True)
+    assert set(keys) == runs
+    assert len(acc) == len(runs) * fr["rounds"] * (fr["num_clients"] + 1)
+    assert acc.accuracy.between(0, 1).all()
+    summary = pd.read_csv(smoke["repo"] / "results/fedre_summary.csv")
+    assert list(summary.columns) == FEDRE_SUMMARY_COLUMNS and len(summary) == len(runs)
+    assert summary.max_selected_on_test.all()
+    comm = pd.read_csv(smoke["repo"] / "results/fedre_communication.csv")
+    assert list(comm.columns) == FEDRE_COMM_COLUMNS
+    upload = comm[comm.direction == "upload"].groupby("algorithm").scalars.mean()
+    assert upload["local"] == 0 and upload["fedre"] < upload["fedproto"] < upload["fedallrep"]
+    ablation = pd.read_csv(smoke["repo"] / "results/fedre_ablation.csv")
+    variants = {"fedre", *fr["ablation"]["variants"]}
+    assert set(zip(ablation.variant, ablation.seed, strict=True)) == {
+        (v, s) for v in variants for s in seeds
+    }
+
+
 def test_the_ladder_compares_the_rungs(smoke):
     ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
     agd = smoke["config"]["agd"]
@@ -220,6 +249,15 @@ def test_claims_are_computed_for_probex(smoke):
     assert set(px.verdict) <= set(VERDICTS)
 
 
+def test_claims_are_computed_for_fedre(smoke):
+    claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
+    fr = claims[claims.paper == "FedRE"]
+    cfg = smoke["config"]["fedre"]
+    # FedRE beats each baseline on each task (the claims' partition); the upload ratio.
+    assert len(fr) == len(cfg["claims"]["baselines"]) * len(cfg["tasks"]) + 1
+    assert set(fr.verdict) <= set(VERDICTS)
+
+
 def test_figures_are_pngs(smoke):
     for name in (
         "agd_fid_vs_w",
@@ -229,6 +267,7 @@ def test_figures_are_pngs(smoke):
         "agd_ladder",
         *(Path(f).stem for f in datadream_workflow.FIGURES.values()),
         *(Path(f).stem for f in probex_workflow.FIGURES.values()),
+        *(Path(f).stem for f in fedre_workflow.FIGURES.values()),
     ):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -248,6 +287,7 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     rung = rung_config(smoke["config"], "b3")
     dd = smoke["config"]["datadream"]
     px = smoke["config"]["probex"]
+    fr = smoke["config"]["fedre"]
     assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
@@ -275,6 +315,8 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "probex_layers": seeds,
         "probex_lora_zoo": 1,
         "probex_zeroshot": seeds,
+        "fedre_simulate": len(fr["tasks"]) * len(fr["partitions"]) * seeds,
+        "fedre_ablation": seeds,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]

@@ -25,6 +25,8 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "probex_layers": None,
     "probex_lora_zoo": None,
     "probex_zeroshot": None,
+    "fedre_simulate": None,
+    "fedre_ablation": None,
     "sla_kernel_bench": None,
 }
 CPU_RULES = frozenset(
@@ -43,6 +45,10 @@ CPU_RULES = frozenset(
         "probex_table",
         "probex_figures",
         "probex_claims",
+        "fedre_glyphs",
+        "fedre_table",
+        "fedre_figures",
+        "fedre_claims",
         "claims",
     }
 )

@@ -1,0 +1,1 @@
+"""FedRE: model-heterogeneous federated learning (each client its own architecture)."""
