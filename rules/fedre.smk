@@ -14,6 +14,7 @@ include: "fedre_common.smk"
 wildcard_constraints:
     fedre_task="|".join(FEDRE["tasks"]),
     fedre_partition="|".join(FEDRE["partitions"]),
+    fedre_algorithm="|".join(FEDRE["flower"]["algorithms"]) or "^$",
     seed=r"\d+",
 
 
@@ -96,6 +97,54 @@ rule fedre_simulate:
             " --privacy-examples {output.examples:q}"
             " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}",
             rule="fedre_simulate",
+        )
+
+
+rule fedre_flower:
+    # One algorithm on Flower's deployment mode: a SuperLink and one SuperNode per
+    # client as processes on 127.0.0.1, all stopped by PID at the end
+    # (repro.fedre.flower_run). The same rounds as fedre_simulate: its tables equal that
+    # algorithm's rows of the simulation. On demand, e.g.
+    #   snakemake --cores 2 results/fedre/flower/digits_dir_s0_fedre.csv
+    input:
+        data=lambda wildcards: fedre_task_data(wildcards.fedre_task),
+    output:
+        table="results/fedre/flower/{fedre_task}_{fedre_partition}_s{seed}_{fedre_algorithm}.csv",
+        comm="results/fedre/flower/{fedre_task}_{fedre_partition}_s{seed}_{fedre_algorithm}_comm.csv",
+        final="results/fedre/flower/{fedre_task}_{fedre_partition}_s{seed}_{fedre_algorithm}_final.safetensors",
+        metrics="results/fedre/flower/{fedre_task}_{fedre_partition}_s{seed}_{fedre_algorithm}.json",
+    log:
+        "logs/fedre/flower_{fedre_task}_{fedre_partition}_s{seed}_{fedre_algorithm}.log",
+    benchmark:
+        "benchmarks/rules/fedre/flower_{fedre_task}_{fedre_partition}_s{seed}_{fedre_algorithm}.tsv"
+    conda:
+        "../envs/fedre.yaml"
+    # Eleven processes (a SuperLink, ten SuperNodes and their ClientApps), one torch
+    # thread each (as fedre_simulate: the same sums in the same order, the same
+    # numbers): they take turns, the server waits for the slowest client.
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        cfg=lambda wildcards: fedre_flower_params(
+            wildcards.fedre_task,
+            wildcards.fedre_partition,
+            wildcards.seed,
+            wildcards.fedre_algorithm,
+        ),
+        workdir=lambda wildcards: (
+            f"work/fedre/flower/{wildcards.fedre_task}_{wildcards.fedre_partition}"
+            f"_s{wildcards.seed}_{wildcards.fedre_algorithm}"
+        ),
+        timeout=FEDRE["flower"]["timeout_s"],
+    shell:
+        stage(
+            "repro.fedre.flower_run",
+            "--data {input.data:q} --out {output.table:q} --comm-out {output.comm:q}"
+            " --final-out {output.final:q} --metrics {output.metrics:q}"
+            " --workdir {params.workdir:q} --timeout-s {params.timeout:q}",
+            rule="fedre_flower",
         )
 
 

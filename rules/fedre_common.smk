@@ -56,7 +56,7 @@ def fedre_simulate_params(task, partition, seed):
     node = {
         k: v
         for k, v in FEDRE.items()
-        if k not in ("tasks", "partitions", "claims", "ablation")
+        if k not in ("tasks", "partitions", "claims", "ablation", "flower")
     }
     node.update(
         task=task,
@@ -85,4 +85,13 @@ def fedre_ablation_params(seed):
         fedre_simulate_params(ablation["task"], ablation["partition"], seed)
     )
     node["variants"] = ablation["variants"]
+    return json.dumps(node, sort_keys=True)
+
+
+def fedre_flower_params(task, partition, seed, algorithm):
+    """The Flower run's --params: the simulation's, with one `algorithm`."""
+    node = json.loads(fedre_simulate_params(task, partition, seed))
+    node.pop("algorithms")
+    node.pop("privacy")
+    node["algorithm"] = algorithm
     return json.dumps(node, sort_keys=True)

@@ -46,6 +46,7 @@ CPU_RULES = frozenset(
         "probex_figures",
         "probex_claims",
         "fedre_glyphs",
+        "fedre_aux",
         "fedre_table",
         "fedre_figures",
         "fedre_claims",

@@ -8,11 +8,12 @@ prototype for FedProto and FedTGP).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from repro.fedre.algorithms import Algorithm, Client
+from repro.fedre.table import ALL_CLIENTS
 
 
 @torch.no_grad()
@@ -33,3 +34,22 @@ def weighted_accuracy(evaluation: Sequence[tuple[int, int]]) -> tuple[float, int
     if total == 0:
         raise ValueError("no test samples to evaluate on")
     return correct / total, total
+
+
+def round_rows(
+    base: Mapping, r: int, archs: Sequence[str], evaluation: Sequence[tuple[int, int]]
+) -> list[dict]:
+    """The round table's rows (repro.fedre.table ROUND_COLUMNS) of one round: one per
+    client, then the sample-weighted row (client -1, arch "all"). `base` holds the run's
+    keys (task, partition, algorithm, seed)."""
+    rows = [
+        {**base, "round": r, "client": i, "arch": archs[i], "test_samples": n,
+         "accuracy": correct / n}
+        for i, (correct, n) in enumerate(evaluation)
+    ]  # fmt: skip
+    accuracy, total = weighted_accuracy(evaluation)
+    rows.append(
+        {**base, "round": r, "client": ALL_CLIENTS, "arch": "all", "test_samples": total,
+         "accuracy": accuracy}
+    )  # fmt: skip
+    return rows

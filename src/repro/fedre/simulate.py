@@ -45,7 +45,7 @@ from repro.core.results import read_table, write_table
 from repro.core.stage import Stage, run
 from repro.fedre.algorithms import Algorithm, Client, HeadServer, Hyper, Tensors, make_algorithm
 from repro.fedre.data import ClientData, partition, split_clients
-from repro.fedre.evaluate import evaluate, weighted_accuracy
+from repro.fedre.evaluate import evaluate, round_rows
 from repro.fedre.model import build_clients
 from repro.fedre.privacy import attack
 from repro.fedre.table import ALL_CLIENTS, COMM_COLUMNS, PRIVACY_COLUMNS, ROUND_COLUMNS
@@ -174,28 +174,7 @@ def simulate_algorithm(
     base = {**keys, "algorithm": name}
 
     def on_round(r, evaluation, up, down):
-        for i, (correct, n) in enumerate(evaluation):
-            rows.append(
-                {
-                    **base,
-                    "round": r,
-                    "client": i,
-                    "arch": archs[i],
-                    "test_samples": n,
-                    "accuracy": correct / n,
-                }
-            )
-        accuracy, total = weighted_accuracy(evaluation)
-        rows.append(
-            {
-                **base,
-                "round": r,
-                "client": ALL_CLIENTS,
-                "arch": "all",
-                "test_samples": total,
-                "accuracy": accuracy,
-            }
-        )
+        rows.extend(round_rows(base, r, archs, evaluation))
         comm.append({**base, "round": r, "direction": "upload", **up})
         comm.append({**base, "round": r, "direction": "broadcast", **down})
 
