@@ -297,3 +297,28 @@ def test_fedallrep_uploads_every_train_representation():
     client = toy_client(n=12)
     up = algo.upload(client)
     assert up["reps"].shape == (12, 8) and torch.equal(up["labels"], client.data.train_y)
+
+
+def test_fedallrep_server_trains_the_head_on_every_representation_with_fedres_schedule():
+    """Hard labels as one-hot soft labels, the same summed loss and epochs as FedRE's
+    server: the head separates the uploaded representations."""
+    algo = FedAllRep(Hyper(server_lr=0.05, head_epochs=100), num_classes=2, rep_dim=2, seed=0)
+    torch.nn.init.zeros_(algo.head.weight)
+    torch.nn.init.zeros_(algo.head.bias)
+    uploads = [
+        {"reps": torch.tensor([[2.0, 0.0], [3.0, 0.5]]), "labels": torch.tensor([0, 0])},
+        {"reps": torch.tensor([[0.0, 2.0]]), "labels": torch.tensor([1])},
+    ]
+    out = algo.server_step(uploads)
+    reps = torch.tensor([[2.0, 0.0], [3.0, 0.5], [0.0, 2.0]])
+    assert (reps @ out["weight"].T + out["bias"]).argmax(1).tolist() == [0, 0, 1]
+    # One epoch with zero-initialised weights: the summed loss's gradient is the sum over
+    # the three representations of (softmax - onehot) x rep, all at softmax = 1/2.
+    one = FedAllRep(Hyper(server_lr=1.0, head_epochs=1), num_classes=2, rep_dim=2, seed=0)
+    torch.nn.init.zeros_(one.head.weight)
+    torch.nn.init.zeros_(one.head.bias)
+    out = one.server_step(uploads)
+    grad = torch.zeros(2, 2)
+    for rep, y in zip(reps, [0, 0, 1], strict=True):
+        grad += torch.outer(torch.tensor([0.5, 0.5]) - F.one_hot(torch.tensor(y), 2), rep)
+    assert torch.allclose(out["weight"], -grad)

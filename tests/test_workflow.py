@@ -253,8 +253,9 @@ def test_claims_are_computed_for_fedre(smoke):
     claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
     fr = claims[claims.paper == "FedRE"]
     cfg = smoke["config"]["fedre"]
-    # FedRE beats each baseline on each task (the claims' partition); the upload ratio.
-    assert len(fr) == len(cfg["claims"]["baselines"]) * len(cfg["tasks"]) + 1
+    # FedRE beats each baseline on each task (the claims' partition); the upload ratio;
+    # harder to invert than prototypes and than all representations.
+    assert len(fr) == len(cfg["claims"]["baselines"]) * len(cfg["tasks"]) + 1 + 2
     assert set(fr.verdict) <= set(VERDICTS)
 
 

@@ -344,11 +344,26 @@ class HeadServer(Algorithm):
         super().__init__(hp, num_classes, rep_dim, seed)
         self.head = nn.Linear(rep_dim, num_classes)
 
-    def init_head(self, first_client: Client) -> None:
-        self.head.load_state_dict(head_state(first_client.model))
+    def init_head(self, first_model: ClientModel) -> None:
+        """The global head starts as the first client's initial head (HtFLlib's)."""
+        self.head.load_state_dict(head_state(first_model))
 
     def broadcast_head(self) -> Tensors:
         return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+    def fit_head(self, reps: torch.Tensor, targets: torch.Tensor, *, epochs: int, soft: bool):
+        """The server's SGD on its head (lr and batch of fedre.server), then the broadcast."""
+        train_head(
+            self.head,
+            reps,
+            targets,
+            epochs=epochs,
+            lr=self.hp.server_lr,
+            batch_size=self.hp.server_batch_size,
+            gen=self.gen,
+            soft=soft,
+        )
+        return self.broadcast_head()
 
 
 class FedGH(HeadServer):
@@ -360,17 +375,7 @@ class FedGH(HeadServer):
     def server_step(self, uploads: Sequence[Tensors]) -> Tensors:
         reps = torch.cat([up["protos"] for up in uploads])
         labels = torch.cat([up["classes"] for up in uploads])
-        train_head(
-            self.head,
-            reps,
-            labels,
-            epochs=self.hp.server_epochs,
-            lr=self.hp.server_lr,
-            batch_size=self.hp.server_batch_size,
-            gen=self.gen,
-            soft=False,
-        )
-        return self.broadcast_head()
+        return self.fit_head(reps, labels, epochs=self.hp.server_epochs, soft=False)
 
 
 class LGFedAvg(HeadServer):
@@ -413,17 +418,7 @@ class FedRE(HeadServer):
         soft = torch.zeros(len(uploads), self.num_classes)
         for i, up in enumerate(uploads):
             soft[i, up["classes"]] = up["weights"]
-        train_head(
-            self.head,
-            reps,
-            soft,
-            epochs=self.hp.head_epochs,
-            lr=self.hp.server_lr,
-            batch_size=self.hp.server_batch_size,
-            gen=self.gen,
-            soft=True,
-        )
-        return self.broadcast_head()
+        return self.fit_head(reps, soft, epochs=self.hp.head_epochs, soft=True)
 
 
 class FedAllRep(HeadServer):
@@ -440,17 +435,7 @@ class FedAllRep(HeadServer):
         labels = torch.cat([up["labels"] for up in uploads])
         soft = F.one_hot(labels, self.num_classes).float()
         # The same server schedule and loss as FedRE's, on every representation.
-        train_head(
-            self.head,
-            reps,
-            soft,
-            epochs=self.hp.head_epochs,
-            lr=self.hp.server_lr,
-            batch_size=self.hp.server_batch_size,
-            gen=self.gen,
-            soft=True,
-        )
-        return self.broadcast_head()
+        return self.fit_head(reps, soft, epochs=self.hp.head_epochs, soft=True)
 
 
 ALGORITHM_CLASSES: dict[str, type[Algorithm]] = {

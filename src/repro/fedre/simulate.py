@@ -117,7 +117,7 @@ def run_rounds(
     `last_uploads` (if given) with what each client uploaded in the last round, as
     (client index, tensors), for the inversion attack (repro.fedre.privacy)."""
     if isinstance(algorithm, HeadServer):
-        algorithm.init_head(clients[0])
+        algorithm.init_head(clients[0].model)
     broadcast = None
     for r in tqdm(range(1, rounds + 1), desc=algorithm.name, disable=not progress):
         up_wire, down_wire = Wire(), Wire()

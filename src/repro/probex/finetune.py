@@ -245,6 +245,40 @@ def class_mask(configs: list[FinetuneConfig], num_classes: int) -> Tensor:
     return mask
 
 
+class StackedCheckpoints:
+    """Resume checkpoints of a stacked run (every model of a zoo at once): the optimizer
+    state holds every model's weights and Adam moments; the extra state, the run's length
+    and each model's last loss. A checkpoint of a run of another length is refused.
+    No directory: nothing is saved or resumed."""
+
+    def __init__(self, directory: str | Path | None, every: int, total: int, count: int):
+        from repro.core.checkpoint import Checkpointer
+
+        self.directory, self.every, self.total, self.count = directory, every, total, count
+        self.checkpointer = None if directory is None else Checkpointer(directory, every=every)
+
+    def resume(self, optimizer: StackedAdam) -> tuple[int, Tensor]:
+        """(the step to start at, each model's last loss: NaN before its first step)."""
+        last_loss = torch.full((self.count,), float("nan"))
+        if self.checkpointer is None:
+            return 0, last_loss
+        start, extra = self.checkpointer.load_latest({}, optimizer)
+        if start and extra.get("total_steps") != self.total:
+            raise ReproInputError(
+                f"{self.checkpointer.latest()}: checkpoint of a {extra.get('total_steps')}-step "
+                f"zoo, this one has {self.total}; delete {self.directory} to start over"
+            )
+        if start:
+            last_loss = torch.tensor(extra["last_loss"], dtype=torch.float32)
+        return start, last_loss
+
+    def maybe_save(self, done: int, optimizer: StackedAdam, last_loss: Tensor) -> None:
+        """Save after step `done` every `every` steps and at the end."""
+        if self.checkpointer is not None and (done % self.every == 0 or done == self.total):
+            extra = {"total_steps": self.total, "last_loss": last_loss.tolist()}
+            self.checkpointer.save(done, {}, optimizer, extra=extra)
+
+
 class StackedAdam:
     """Adam (torch.optim.Adam's update, L2 weight decay) on stacked weights [N, ...]
     with one learning rate per model; a model with lr 0 at a step is not moved.
@@ -327,8 +361,6 @@ def train_stacked(
 ) -> tuple[dict[str, Tensor], dict]:
     """Fine-tune every model of `configs` together; returns the stacked weights [N, ...]
     (on the CPU) and a summary (steps, resumed_from, final losses)."""
-    from repro.core.checkpoint import Checkpointer
-
     device = torch.device(device)
     batches = Batches(labels, configs, batch_size)
     total = max(batches.total_steps)
@@ -345,18 +377,8 @@ def train_stacked(
     base_lrs = torch.tensor([c.lr for c in configs], dtype=torch.float32)
     images, labels = images.to(device), labels.to(device)
 
-    checkpointer, start = None, 0
-    last_loss = torch.full((len(configs),), float("nan"))
-    if checkpoint_dir is not None:
-        checkpointer = Checkpointer(checkpoint_dir, every=checkpoint_every)
-        start, extra = checkpointer.load_latest({}, optimizer)
-        if start and extra.get("total_steps") != total:
-            raise ReproInputError(
-                f"{checkpointer.latest()}: checkpoint of a {extra.get('total_steps')}-step zoo, "
-                f"this one has {total}; delete {checkpoint_dir} to start over"
-            )
-        if start:
-            last_loss = torch.tensor(extra["last_loss"], dtype=torch.float32)
+    stacked_checkpoints = StackedCheckpoints(checkpoint_dir, checkpoint_every, total, len(configs))
+    start, last_loss = stacked_checkpoints.resume(optimizer)
 
     bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=None)
     for step in bar:
@@ -383,10 +405,7 @@ def train_stacked(
         last_loss[active] = losses.detach().cpu()
         done = step + 1
         bar.set_postfix(models=len(active), loss=f"{losses.mean().item():.3g}", refresh=False)
-        if checkpointer is not None and (done % checkpoint_every == 0 or done == total):
-            checkpointer.save(
-                done, {}, optimizer, extra={"total_steps": total, "last_loss": last_loss.tolist()}
-            )
+        stacked_checkpoints.maybe_save(done, optimizer, last_loss)
     bar.close()
     weights = {k: v.detach().cpu() for k, v in optimizer.params.items()}
     summary = {

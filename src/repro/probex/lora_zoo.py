@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 
 from repro.core.cli import require
 from repro.core.errors import ReproInputError
-from repro.probex.finetune import StackedAdam, config_range
+from repro.probex.finetune import StackedAdam, StackedCheckpoints, config_range
 from repro.probex.zoo import MANIFEST_NAME, assign_splits, write_manifest, write_zoo_model
 
 log = logging.getLogger(__name__)
@@ -426,25 +426,13 @@ def train_loras(
     """Train every LoRA of `specs` from `factors` [N, ...] (their init) for its own steps at
     its own lr, `chunk` LoRAs per forward (None: all in training); returns the trained
     factors [N, ...] (CPU) and a summary (steps, resumed_from, final_loss, seconds)."""
-    from repro.core.checkpoint import Checkpointer
-
     device = trainer.x0.device
     total = max(spec.steps for spec in specs)
     steps = torch.tensor([spec.steps for spec in specs])
     lrs = torch.tensor([spec.lr for spec in specs], dtype=torch.float32)
     optimizer = StackedAdam({k: v.to(device) for k, v in factors.items()})
-    last_loss = torch.full((len(specs),), float("nan"))
-    checkpointer, start = None, 0
-    if checkpoint_dir is not None:
-        checkpointer = Checkpointer(checkpoint_dir, every=checkpoint_every)
-        start, extra = checkpointer.load_latest({}, optimizer)
-        if start and extra.get("total_steps") != total:
-            raise ReproInputError(
-                f"{checkpointer.latest()}: checkpoint of a {extra.get('total_steps')}-step "
-                f"zoo, this one has {total}; delete {checkpoint_dir} to start over"
-            )
-        if start:
-            last_loss = torch.tensor(extra["last_loss"], dtype=torch.float32)
+    stacked_checkpoints = StackedCheckpoints(checkpoint_dir, checkpoint_every, total, len(specs))
+    start, last_loss = stacked_checkpoints.resume(optimizer)
     started = time.perf_counter()
     bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=None)
     for step in bar:
@@ -465,10 +453,7 @@ def train_loras(
         bar.set_postfix(
             loras=len(active), loss=f"{float(last_loss[active].mean()):.3g}", refresh=False
         )
-        if checkpointer is not None and (done % checkpoint_every == 0 or done == total):
-            checkpointer.save(
-                done, {}, optimizer, extra={"total_steps": total, "last_loss": last_loss.tolist()}
-            )
+        stacked_checkpoints.maybe_save(done, optimizer, last_loss)
     bar.close()
     seconds = time.perf_counter() - started
     trained = {k: v.detach().cpu() for k, v in optimizer.params.items()}

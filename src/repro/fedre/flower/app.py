@@ -456,8 +456,7 @@ def start_algorithm(run: RunSetup, shape: Mapping) -> Algorithm:
             num_classes=int(shape["num-classes"]),
             seed=run.seed,
         )
-        # init_head reads the model only; the server has no data of the client.
-        algorithm.init_head(Client(0, first, None, torch.Generator()))
+        algorithm.init_head(first)
     return algorithm
 
 
