@@ -257,3 +257,11 @@ def test_prototype_generator_shape_parameters_and_training():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is not None for p in generator.parameters())
+
+
+def test_the_config_check_knows_exactly_the_models_architectures():
+    """repro.fedre.workflow checks fedre.clients without importing torch: its list must be
+    the model's, in order."""
+    from repro.fedre.workflow import CLIENT_ARCHITECTURES
+
+    assert tuple(ARCHITECTURES) == CLIENT_ARCHITECTURES
