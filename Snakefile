@@ -25,11 +25,13 @@ include: "rules/data.smk"
 include: "rules/foundation.smk"
 include: "rules/foundation_t2i.smk"
 include: "rules/foundation_clip.smk"
+include: "rules/foundation_t2v.smk"
 # One line per paper (its rules; it registers itself in repro.<paper>.workflow).
 include: "rules/agd.smk"
 include: "rules/datadream.smk"
 include: "rules/probex.smk"
 include: "rules/fedre.smk"
+include: "rules/humo.smk"
 include: "rules/sla.smk"
 include: "rules/report.smk"
 

@@ -127,3 +127,28 @@ rule digit_classifier:
             " --metrics {output.metrics:q}",
             rule="digit_classifier",
         )
+
+
+rule faces:
+    # Talking faces (repro.foundation.faces): identity-disjoint train / val / test clips
+    # with audio, reference portraits, face masks and captions (HuMo, SLA quality).
+    output:
+        train="data/faces/train.safetensors",
+        val="data/faces/val.safetensors",
+        test="data/faces/test.safetensors",
+        manifest="data/faces/manifest.json",
+    log:
+        "logs/data/faces.log",
+    benchmark:
+        "benchmarks/rules/data/faces.tsv"
+    conda:
+        "../envs/foundation.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        cfg=section("data", "faces"),
+        out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
+    shell:
+        stage("repro.foundation.faces", "--out-dir {params.out_dir:q}", rule="faces")

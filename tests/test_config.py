@@ -68,7 +68,7 @@ BAD = [
     ("sla.kernel_bench.forms", [{"linear": "hedgehog", "k_l": 0.0}], ["forms", "hedgehog"]),
     ("sla", DELETE, ["(top level)", "'sla' is a required property"]),
     # A section that no paper registers is refused (the paper parts are composed in).
-    ("humo", {"steps": 1}, ["(top level)", "'humo' was unexpected"]),
+    ("vidgen", {"steps": 1}, ["(top level)", "'vidgen' was unexpected"]),
     ("datadream.dataset", "cifar10", ["datadream.dataset", "neither 'digits'"]),
     (
         "data.imagefolders",

@@ -96,19 +96,22 @@ def test_tiny_and_smoke_scale_name_no_hub_checkpoint():
 
 def test_paper_scale_sources_are_a_function_of_the_config(tmp_path):
     sources = hub.hub_sources(paper_config())
-    # The foundation models first (configs/paper.yaml names SD 2.1 base and CLIP), then AGD's.
+    # The foundation models first (configs/paper.yaml names SD 2.1 base, CLIP and Wan2.1),
+    # then each paper's: AGD's, HuMo's Whisper.
     assert [(s.key, s.repo_id, s.subfolder) for s in sources] == [
         ("foundation.t2i.pretrained", "stabilityai/stable-diffusion-2-1-base", None),
         ("foundation.clip.pretrained", "openai/clip-vit-base-patch16", None),
+        ("foundation.t2v.pretrained", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", None),
         ("agd.base.pretrained", "facebook/DiT-XL-2-256", "transformer"),
         ("agd.base.vae", "stabilityai/sd-vae-ft-ema", None),
+        ("humo.audio.pretrained", "openai/whisper-large-v3", None),
     ]
-    assert sources[2].allow_patterns() == ["transformer/*.json", "transformer/*.safetensors"]
+    assert sources[3].allow_patterns() == ["transformer/*.json", "transformer/*.safetensors"]
     # A derived checkpoint on the hub is fetched too; the same (id, subfolder) only once.
     cfg = paper_config(transfer={"pretrained": "me/dit-finetuned"})
-    assert [s.key for s in hub.hub_sources(cfg)][-1] == "agd.transfer.pretrained"
+    assert "agd.transfer.pretrained" in [s.key for s in hub.hub_sources(cfg)]
     cfg = paper_config(transfer={"pretrained": "facebook/DiT-XL-2-256"})
-    assert len(hub.hub_sources(cfg)) == 4
+    assert len(hub.hub_sources(cfg)) == 6
     # Local checkpoints are loaded where they are, never fetched.
     cfg = paper_config(base={"pretrained": str(tmp_path), "vae": "./vae"})
     assert [s.key for s in hub.hub_sources(cfg) if s.key.startswith("agd.")] == []
@@ -121,7 +124,7 @@ def test_sources_come_from_the_foundation_entries_then_the_papers_hub_keys(tmp_p
             "foundation": {
                 "t2i": {"pretrained": "org/tiny-t2i", "subfolder": "unet"},
                 "clip": {"pretrained": None},  # built by the pipeline: nothing to fetch
-                "wan": {"pretrained": str(tmp_path)},  # a local directory: nothing to fetch
+                "t2v": {"pretrained": str(tmp_path)},  # a local directory: nothing to fetch
             }
         },
     )
@@ -129,7 +132,7 @@ def test_sources_come_from_the_foundation_entries_then_the_papers_hub_keys(tmp_p
     assert keys[:3] == [
         ("foundation.t2i.pretrained", "foundation.t2i.subfolder"),
         ("foundation.clip.pretrained", "foundation.clip.subfolder"),
-        ("foundation.wan.pretrained", "foundation.wan.subfolder"),
+        ("foundation.t2v.pretrained", "foundation.t2v.subfolder"),
     ]
     # Each registered paper's keys follow (AGD's among them), never listed in core.
     assert ("agd.base.vae", None) in keys[3:]
@@ -146,6 +149,7 @@ def test_sources_come_from_the_foundation_entries_then_the_papers_hub_keys(tmp_p
         "agd.base.pretrained",
         "agd.base.vae",
         "agd.transfer.pretrained",
+        "humo.audio.pretrained",
     }
 
 
@@ -310,8 +314,10 @@ def test_list_command_prints_what_the_paper_scale_fetches():
     assert proc.stdout.splitlines() == [
         "foundation.t2i.pretrained: stabilityai/stable-diffusion-2-1-base",
         "foundation.clip.pretrained: openai/clip-vit-base-patch16",
+        "foundation.t2v.pretrained: Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         "agd.base.pretrained: facebook/DiT-XL-2-256 (subfolder transformer)",
         "agd.base.vae: stabilityai/sd-vae-ft-ema",
+        "humo.audio.pretrained: openai/whisper-large-v3",
     ]
 
 

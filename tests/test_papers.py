@@ -27,7 +27,7 @@ def tiny():
 
 
 def test_the_papers_register_themselves():
-    assert [p.name for p in PAPERS] == ["agd", "datadream", "fedre", "probex", "sla"]
+    assert [p.name for p in PAPERS] == ["agd", "datadream", "fedre", "humo", "probex", "sla"]
     for paper in PAPERS:
         assert isinstance(paper, PaperSpec)
         assert (ROOT / "schemas" / paper.schema).is_file(), paper.schema
@@ -40,6 +40,7 @@ def test_the_papers_register_themselves():
         "results/claims/agd.csv",
         "results/claims/datadream.csv",
         "results/claims/fedre.csv",
+        "results/claims/humo.csv",
         "results/claims/probex.csv",
     ]
     assert "results/sla_kernel.csv" in paper_targets(tiny())

@@ -27,6 +27,8 @@ from repro.fedre import workflow as fedre_workflow
 from repro.fedre.table import ACCURACY_COLUMNS as FEDRE_COLUMNS
 from repro.fedre.table import COMMUNICATION_COLUMNS as FEDRE_COMM_COLUMNS
 from repro.fedre.table import SUMMARY_COLUMNS as FEDRE_SUMMARY_COLUMNS
+from repro.humo import workflow as humo_workflow
+from repro.humo.table import COLUMNS as HUMO_COLUMNS
 from repro.probex import workflow as probex_workflow
 from repro.probex.table import ACCURACY_COLUMNS as PROBEX_COLUMNS
 from repro.probex.table import LAYER_COLUMNS as PROBEX_LAYER_COLUMNS
@@ -199,6 +201,28 @@ def test_fedre_tables(smoke):
     }
 
 
+def test_humo_tables(smoke):
+    """Every variant and seed at the main CFG form, the full model's every task and form,
+    the real clips; sync curves for each row."""
+    cfg, seeds = smoke["config"], smoke["config"]["seeds"]
+    hm = cfg["humo"]
+    table = pd.read_csv(smoke["repo"] / "results/humo_metrics.csv")
+    assert list(table.columns) == HUMO_COLUMNS
+    expected = {
+        (task, variant, form, seed)
+        for variant in hm["variants"]
+        for task, form in humo_workflow.generated_sets(cfg, variant)
+        for seed in seeds
+    } | {("real", "real", "none", hm["evaluate"]["seed"])}
+    assert set(zip(table.task, table.variant, table.cfg, table.seed, strict=True)) == expected
+    assert (table.n_clips == hm["generate"]["clips"]).all()
+    assert table.id_sim.between(-1, 1).all() and table.sync_c.between(-1, 1).all()
+    assert (table[table.task == "real"].fid == 0).all() and (table.fid >= 0).all()
+    curves = pd.read_csv(smoke["repo"] / "results/humo_sync_curves.csv")
+    offsets = 2 * hm["evaluate"]["max_offset"] + 1
+    assert len(curves) == len(table) * 2 * offsets
+
+
 def test_the_ladder_compares_the_rungs(smoke):
     ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
     agd = smoke["config"]["agd"]
@@ -259,6 +283,19 @@ def test_claims_are_computed_for_fedre(smoke):
     assert set(fr.verdict) <= set(VERDICTS)
 
 
+def test_claims_are_computed_for_humo(smoke):
+    claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
+    hm = claims[claims.paper == "HuMo"]
+    # matched vs shuffled audio; focus-by-predicting, progressive training, minimal-invasive
+    # injection (identity, text) ablations; time-adaptive CFG; the reference carries
+    # identity and the audio lip sync.
+    assert len(hm) == 8
+    assert set(hm.verdict) <= set(VERDICTS)
+    # Smoke runs fewer seeds than the claims need: every verdict is undecided.
+    if len(smoke["config"]["seeds"]) < smoke["config"]["humo"]["claims"]["min_seeds"]:
+        assert set(hm.verdict) == {"inconclusive"}
+
+
 def test_figures_are_pngs(smoke):
     for name in (
         "agd_fid_vs_w",
@@ -269,6 +306,7 @@ def test_figures_are_pngs(smoke):
         *(Path(f).stem for f in datadream_workflow.FIGURES.values()),
         *(Path(f).stem for f in probex_workflow.FIGURES.values()),
         *(Path(f).stem for f in fedre_workflow.FIGURES.values()),
+        *(Path(f).stem for f in humo_workflow.FIGURES.values()),
     ):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -289,6 +327,7 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     dd = smoke["config"]["datadream"]
     px = smoke["config"]["probex"]
     fr = smoke["config"]["fedre"]
+    hm = smoke["config"]["humo"]
     assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
@@ -318,6 +357,15 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "probex_zeroshot": seeds,
         "fedre_simulate": len(fr["tasks"]) * len(fr["partitions"]) * seeds,
         "fedre_ablation": seeds,
+        "foundation_t2v": 1,
+        "humo_audio": 2,  # the train and test splits
+        "humo_judges": 1,
+        "humo_stage1": 2 * seeds,  # minimal-invasive and full fine-tuning
+        # every variant's stage 2 (no_progressive: its one joint stage)
+        "humo_stage2": len(hm["variants"]) * seeds,
+        "humo_generate": len(hm["variants"]) * seeds,
+        "humo_metrics": len(hm["variants"]) * seeds,
+        "humo_metrics_real": 1,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]
@@ -343,6 +391,7 @@ def test_report_shows_each_papers_tables_and_figures(smoke):
         "agd_speed.png",
         *(Path(f).name for f in datadream_workflow.FIGURES.values()),
         *(Path(f).name for f in probex_workflow.FIGURES.values()),
+        *(Path(f).name for f in humo_workflow.FIGURES.values()),
         "claims.csv",
     ):
         assert needle in html

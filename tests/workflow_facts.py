@@ -27,6 +27,10 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "probex_zeroshot": None,
     "fedre_simulate": None,
     "fedre_ablation": None,
+    "humo_audio": None,
+    "humo_stage1": ("humo", "train"),
+    "humo_stage2": ("humo", "train"),
+    "humo_generate": None,
     "sla_kernel_bench": None,
 }
 CPU_RULES = frozenset(
@@ -50,6 +54,14 @@ CPU_RULES = frozenset(
         "fedre_table",
         "fedre_figures",
         "fedre_claims",
+        "faces",
+        "humo_judges",
+        "humo_metrics",
+        "humo_metrics_real",
+        "humo_table",
+        "humo_strips",
+        "humo_figures",
+        "humo_claims",
         "claims",
     }
 )
