@@ -123,14 +123,15 @@ def sample_main(args, params: dict) -> dict:
         if key not in params:
             raise ReproInputError(f"humo: --params lacks {key!r}")
     gen = params["generate"]
-    t2v = load_t2v(params["foundation"]["t2v"])
-    humo = load_humo(args.model, t2v.transformer)
-    humo.eval()
+    # The inputs first: a bad file fails before any model is loaded.
     faces = load_faces(args.faces)
     frames = faces.video.shape[2]
     clips = min(int(gen["clips"]), len(faces.video))
     indices = torch.arange(clips)
     features = load_audio(args.audio, len(faces.video), frames)
+    t2v = load_t2v(params["foundation"]["t2v"])
+    humo = load_humo(args.model, t2v.transformer)
+    humo.eval()
     shift = int(params["model"]["window_shift"])
     windows = torch.stack(
         [audio_windows(features[int(i)], frames, t2v.temporal_ratio, shift) for i in indices]

@@ -107,16 +107,64 @@ def build_humo(t2v, params: dict, feature_shape: tuple[int, int, int]):
 
     model = params["model"]
     window, groups, dim = feature_shape
-    return HuMo(
-        t2v.transformer,
-        audio_window=window,
-        audio_groups=groups,
-        audio_feature_dim=dim,
-        audio_hidden=int(model["audio_hidden"]),
-        audio_tokens=int(model["audio_tokens"]),
-        mask_blocks=int(model["mask_blocks"]),
-        injection=params["injection"],
-    )
+    # The new modules' initial weights are a function of the run's seed alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(params["seed"]))
+        return HuMo(
+            t2v.transformer,
+            audio_window=window,
+            audio_groups=groups,
+            audio_feature_dim=dim,
+            audio_hidden=int(model["audio_hidden"]),
+            audio_tokens=int(model["audio_tokens"]),
+            mask_blocks=int(model["mask_blocks"]),
+            injection=params["injection"],
+        )
+
+
+class LossParts(torch.nn.Module):
+    """The flow-matching and mask losses of every step, as a buffer: saved with each
+    checkpoint and restored on resume, so a resumed run reports what an uninterrupted
+    one does. NaN: not (yet) computed, or no sample heard audio that step."""
+
+    PARTS = ("flow", "mask")
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.register_buffer("values", torch.full((steps, len(self.PARTS)), float("nan")))
+
+    def record(self, step: int, parts: dict) -> None:
+        for j, key in enumerate(self.PARTS):
+            if key in parts:
+                self.values[step, j] = float(parts[key])
+
+    def final(self, last: int = 50) -> dict:
+        """The mean of each part over the last `last` steps that have it."""
+        out = {}
+        for j, key in enumerate(self.PARTS):
+            column = self.values[:, j]
+            seen = column[~column.isnan()]
+            if len(seen):
+                out[f"final_{key}_loss"] = float(seen[-last:].mean())
+        return out
+
+
+class PromptCache:
+    """The frozen text encoder's embeddings, each distinct prompt encoded once (a clip's
+    caption names one of a few motions and backgrounds, so a run sees a few dozen): the
+    same tensors encode_prompts gives, without a text-encoder pass per step."""
+
+    def __init__(self, t2v):
+        self.t2v = t2v
+        self.cache: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> Tensor:
+        new = sorted({p for p in prompts if p not in self.cache})
+        if new:
+            for prompt, embeds in zip(new, self.t2v.encode_prompts(new), strict=True):
+                self.cache[prompt] = embeds
+        return torch.stack([self.cache[p] for p in prompts])
 
 
 def training_loss(
@@ -129,11 +177,12 @@ def training_loss(
     subject: float,
     train: dict,
     focus: bool,
+    encode=None,
 ) -> tuple[Tensor, dict]:
     """One step's loss on `batch` (video, reference, mask, windows, captions) and its
     parts. Conditions are drawn from `gen`: which samples carry the reference
     (`subject`), hear audio (stage 2 / joint, less `audio_dropout`), keep their caption
-    (1 - `text_dropout`)."""
+    (1 - `text_dropout`). `encode` embeds prompts (default: the text encoder)."""
     from repro.foundation.t2v import sample_sigmas
 
     device = t2v.device
@@ -161,7 +210,7 @@ def training_loss(
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0
-    text = t2v.encode_prompts(prompts)
+    text = (encode or t2v.encode_prompts)(prompts)
 
     flow, mask_terms, heard = x0.new_zeros(()), [], 0
     # Samples with and without the reference frame differ in length: one pass each.
@@ -220,7 +269,8 @@ def train(humo, t2v, faces, windows: Tensor, params: dict, checkpoint_dir) -> di
     focus = stage != "1" and variant != "no_focus"
     steps = total_steps(train_cfg, stage)
     seed, batch_size = int(params["seed"]), local_batch_size(int(train_cfg["batch_size"]))
-    parts_log: dict[str, list[float]] = {}
+    parts_log = LossParts(steps)
+    encode = PromptCache(t2v)
     humo.train()
 
     def loss_fn(step: int) -> Tensor:
@@ -235,14 +285,21 @@ def train(humo, t2v, faces, windows: Tensor, params: dict, checkpoint_dir) -> di
         }
         subject = subject_fraction(train_cfg["task_mix"], stage, step, steps)
         loss, parts = training_loss(
-            humo, t2v, batch, gen, stage=stage, subject=subject, train=train_cfg, focus=focus
+            humo,
+            t2v,
+            batch,
+            gen,
+            stage=stage,
+            subject=subject,
+            train=train_cfg,
+            focus=focus,
+            encode=encode,
         )
-        for key, value in parts.items():
-            parts_log.setdefault(key, []).append(value)
+        parts_log.record(step, parts)
         return loss
 
     summary = fit(
-        modules={"humo": humo},
+        modules={"humo": humo, "loss_parts": parts_log},
         parameters=parameters,
         loss_fn=loss_fn,
         checkpoint_dir=checkpoint_dir,
@@ -251,9 +308,7 @@ def train(humo, t2v, faces, windows: Tensor, params: dict, checkpoint_dir) -> di
         **optimiser(train_cfg, stage),
     )
     humo.eval()
-    for key, values in parts_log.items():
-        tail = values[-50:]
-        summary[f"final_{key}_loss"] = sum(tail) / len(tail)
+    summary.update(parts_log.final())
     summary["trainable_parameters"] = sum(p.numel() for p in parameters)
     summary["total_parameters"] = sum(p.numel() for p in humo.parameters())
     return summary
@@ -280,10 +335,11 @@ def main(argv=None) -> None:
     if str(params["stage"]) != "2" and args.init:
         raise ReproInputError(f"humo stage {params['stage']}: --init is for stage 2 only")
 
-    t2v = load_t2v(params["foundation"]["t2v"])
+    # The inputs first: a bad file fails before any model is loaded.
     faces = load_faces(args.faces)
     frames = faces.video.shape[2]
     features = load_audio(args.audio, len(faces.video), frames)
+    t2v = load_t2v(params["foundation"]["t2v"])
     shift = int(params["model"]["window_shift"])
     windows = torch.stack([audio_windows(f, frames, t2v.temporal_ratio, shift) for f in features])
     if args.init:
@@ -298,7 +354,9 @@ def main(argv=None) -> None:
     summary = train(humo, t2v, faces, windows, params, stage.checkpoints(*inputs))
     if stage.is_main:
         save_humo(humo.cpu(), args.out, {"variant": params["variant"], "stage": params["stage"]})
-    stage.finish(stage.summary(summary, clips=len(faces.video)))
+    own = {k: v for k, v in summary.items() if k.startswith("final_") or k.endswith("_parameters")}
+    own.pop("final_loss", None)
+    stage.finish(stage.summary(summary, clips=len(faces.video), **own))
 
 
 if __name__ == "__main__":
