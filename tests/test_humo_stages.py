@@ -856,3 +856,63 @@ def test_a_foreign_faces_file_ends_the_stage_with_an_error_line(foreign_run):
 def test_the_error_is_the_only_line_on_stderr(foreign_run):
     proc, _, _ = foreign_run
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+# ----------------------------------------------------------------------------- 11. two processes
+
+
+@pytest.mark.slow
+def test_stage2_trains_as_two_cpu_processes_under_torchrun(work, tmp_path):
+    """Stage 2 as rules/common.smk's stage(..., processes=2) launches it at paper scale:
+    `python -m torch.distributed.run --standalone --nproc_per_node 2 -m repro.humo.train`,
+    here two CPU ranks over gloo, each drawing its half (2) of the batch of 4. Rank 0
+    alone writes the model and the metrics; both ranks checkpoint (rank 1 its RNG).
+
+    Not compared with the one-process run of the whole batch (the fixture's `full`):
+    rank r draws its batch, conditions and noise from step_generator's stream r, so the
+    two runs see different samples by design (tests/test_distributed.py does not compare
+    them either); what must hold is the same recipe: the same steps, the same modules
+    trained, the rest of the stage-1 model untouched."""
+    root, init = work["root"], work["root"] / "stage1/model"
+    params = train_params(root, "2", "full")
+    assert params["train"]["batch_size"] % 2 == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "repro.humo.train"]
+    command += train_args(root, tmp_path, params, init=init)
+    command += ["--threads", "1", "--rule", "humo_stage2", "--scale", "tiny"]
+    # CPU ranks even on a GPU machine (two ranks cannot share one GPU under nccl).
+    env = dict(os.environ, REPRO_MLFLOW="0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    # Both ranks started the stage; only rank 0 finished it (metrics JSON, log line).
+    assert log.count("command: python -m repro.humo.train") == 2, log[-4000:]
+    assert log.count("humo_stage2 done in") == 1, log[-4000:]
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == TRAIN["stage2"]["steps"] == 4
+    assert metrics["resumed_from"] == 0 and metrics["clips"] == 9
+    reference = work["summaries"]["full"]
+    for key in ("trainable_parameters", "total_parameters"):
+        assert metrics[key] == reference[key], key
+    assert metrics["final_mask_loss"] > 0 and metrics["final_flow_loss"] > 0
+    config = json.loads((tmp_path / "model/humo_config.json").read_text())
+    assert config["config"] == {"variant": "full", "stage": "2"}
+
+    # The last checkpoint: saved by 2 processes, with rank 1's RNG, the same weights.
+    (run_dir,) = [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+    last = run_dir / (run_dir / "latest").read_text().strip()
+    assert last.name == "step_00000004"
+    assert json.loads((last / "checkpoint.json").read_text())["processes"] == 2
+    assert (last / "rng.json").exists() and (last / "rng.rank1.json").exists()
+    assert len(json.loads((last / "extra.json").read_text())["loss_history"]) == 4
+
+    # Training happened, as in one process: the audio modules, the mask predictor and
+    # stage 1's self-attention moved; every other weight is the stage-1 model's.
+    stage1, two = weights(init), weights(tmp_path / "model")
+    assert two.keys() == stage1.keys()
+    check_stage2(stage1, two, mask_trains=True)
+    saved, _ = load_tensors(last / "module.humo.safetensors", kind="checkpoint_module")
+    assert changed(saved, two, list(two)) == []
