@@ -38,7 +38,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 from repro.agd.methods import load_method  # noqa: E402
 from repro.agd.table import FIDELITY_COLUMNS, KEYS  # noqa: E402
 from repro.core.diffusion import sample, sample_generator, scheduler_from_params  # noqa: E402
-from repro.core.io import atomic_write  # noqa: E402
+from repro.core.figures import save_figure
 from repro.core.results import read_table  # noqa: E402
 from repro.core.stage import Stage, run  # noqa: E402
 
@@ -83,13 +83,6 @@ FIDELITY_LABEL = {
     "fidelity_feature": "feature distance (L2) to the CFG sample",
 }
 NONE_BASELINE = "no guidance vs CFG (the distance guidance itself makes)"
-
-
-def save_figure(fig, path) -> None:
-    """Write `fig` as a PNG atomically (a reader never sees half a file), then close it."""
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def adapter_style(kind: str) -> dict:

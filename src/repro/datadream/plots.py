@@ -38,7 +38,7 @@ from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 from repro.core.cli import require  # noqa: E402
 from repro.core.data import load_image_dataset  # noqa: E402
 from repro.core.errors import ReproInputError  # noqa: E402
-from repro.core.io import atomic_write  # noqa: E402
+from repro.core.figures import no_data, save_figure
 from repro.core.results import read_table  # noqa: E402
 from repro.core.stage import Stage, run  # noqa: E402
 from repro.datadream.table import ACCURACY_COLUMNS, FID_COLUMNS  # noqa: E402
@@ -72,13 +72,6 @@ PANEL_TITLE = {
     "synthetic": "synthetic images only",
     "real_synthetic": "real shots + synthetic images",
 }
-
-
-def save_figure(fig, path) -> None:
-    """Write `fig` as a PNG atomically, then close it."""
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def entry_label(method: str, generator: str) -> str:
@@ -121,10 +114,6 @@ def zero_shot_line(ax, table: pd.DataFrame, orientation: str = "h") -> None:
         return
     line = ax.axvline if orientation == "v" else ax.axhline
     line(mean, color=COLOR["zero_shot"], ls="--", lw=1.4, label=f"zero-shot CLIP ({mean:.1f}%)")
-
-
-def no_data(ax, text: str = "no rows in the table") -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
 def main_figure(table: pd.DataFrame, fid: pd.DataFrame, main_shots: int) -> plt.Figure:

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from repro.core.io import atomic_write  # noqa: E402
+from repro.core.figures import no_data, save_figure
 from repro.core.results import read_table  # noqa: E402
 from repro.core.stage import Stage, run  # noqa: E402
 from repro.fedre.claims import DISPLAY_NAME, count_text  # noqa: E402
@@ -56,17 +56,6 @@ COLOR = {
 }
 CURVES_TITLE = "accuracy of each client's model on its own test data (sample-weighted)"
 COMMUNICATION_TITLE = "what the clients upload per round (mean over rounds and seeds)"
-
-
-def save_figure(fig, path) -> None:
-    """Write `fig` as a PNG atomically, then close it."""
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
-def no_data(ax, text: str = "no rows in the table") -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
 def name(algorithm: str) -> str:

@@ -16,6 +16,7 @@ imports it at parse time); the model I/O is imported when a model is loaded.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -114,3 +115,60 @@ def load_foundation(cls, params: Mapping, component: str | None = None):
     # transformers (5.x) joins `subfolder` into paths: None fails there, so it is left out.
     options = {**loader_options(params), **({"subfolder": subfolder} if subfolder else {})}
     return from_pretrained(cls, str(source), where, **options)
+
+
+# ----------------------------------------------------------------------------- pipelines
+# Helpers of the foundation models saved as a pipeline directory (model_index.json and a
+# subfolder per component: the text-to-image and text-to-video models).
+
+MODEL_INDEX = "model_index.json"
+
+
+def where(params: Mapping, component: str | None = None, default_name: str = "?") -> str:
+    """`foundation.<name>: <source> (subfolder <sub>)`: how an error names the model."""
+    subfolder = "/".join(p.strip("/") for p in (params.get("subfolder"), component) if p)
+    return f"foundation.{params.get('name') or default_name}: {params.get('pretrained')}" + (
+        f" (subfolder {subfolder})" if subfolder else ""
+    )
+
+
+def library_entry(obj) -> list:
+    """A model_index.json entry: [library, class name], [None, None] for no component."""
+    if obj is None:
+        return [None, None]
+    return [type(obj).__module__.split(".")[0], type(obj).__name__]
+
+
+def root_file(params: Mapping, filename: str) -> Path | None:
+    """A file at the model's root (source + subfolder): from the local directory or the
+    hub cache (never the network when local_files_only); None if it is not there."""
+    source = str(params.get("pretrained") or "")
+    subfolder = (params.get("subfolder") or "").strip("/")
+    if not is_hub_id(source):
+        path = Path(source, subfolder, filename)
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            hf_hub_download(source, filename, subfolder=subfolder or None, **loader_options(params))
+        )
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+    except OSError as err:
+        raise ReproInputError(f"{where(params)}: cannot read {filename} ({err})") from err
+
+
+def has_vae(params: Mapping, what: str) -> bool:
+    """Whether the pipeline has a VAE: its model_index.json lists one. `what` names the
+    kind of pipeline in the error for a directory that is not one."""
+    index_file = root_file(params, MODEL_INDEX)
+    if index_file is None:
+        raise ReproInputError(f"{where(params)}: no {MODEL_INDEX} (not a {what} model directory)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReproInputError(f"{where(params)}: {MODEL_INDEX} is not valid JSON ({err})") from err
+    entry = index.get("vae")
+    return isinstance(entry, list) and entry[-1] is not None

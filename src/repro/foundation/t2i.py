@@ -192,11 +192,8 @@ def _align(mode: str) -> dict:
     return {"align_corners": False} if mode == "bilinear" else {}
 
 
-def _library_entry(obj) -> list | None:
-    if obj is None:
-        return [None, None]
-    library = type(obj).__module__.split(".")[0]
-    return [library, type(obj).__name__]
+def _library_entry(obj) -> list:
+    return store.library_entry(obj)
 
 
 # ----------------------------------------------------------------------------- build
@@ -263,48 +260,15 @@ def save_t2i(t2i: TextToImage, out_dir: str | os.PathLike) -> None:
 
 
 def _where(params: dict, component: str | None = None) -> str:
-    subfolder = "/".join(p.strip("/") for p in (params.get("subfolder"), component) if p)
-    return f"foundation.{params.get('name') or NAME}: {params.get('pretrained')}" + (
-        f" (subfolder {subfolder})" if subfolder else ""
-    )
+    return store.where(params, component, NAME)
 
 
-def root_file(params: dict, filename: str) -> Path | None:
-    """A file at the model's root (source + subfolder): from the local directory or the
-    hub cache (never the network when local_files_only); None if it is not there."""
-    from repro.core.hub import is_hub_id, loader_options
-
-    source = str(params.get("pretrained") or "")
-    subfolder = (params.get("subfolder") or "").strip("/")
-    if not is_hub_id(source):
-        path = Path(source, subfolder, filename)
-        return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            hf_hub_download(source, filename, subfolder=subfolder or None, **loader_options(params))
-        )
-    except (EntryNotFoundError, LocalEntryNotFoundError):
-        return None
-    except OSError as err:
-        raise ReproInputError(f"{_where(params)}: cannot read {filename} ({err})") from err
+root_file = store.root_file  # (repro.foundation.clip reads its preprocessor config with it)
 
 
 def _has_vae(params: dict) -> bool:
     """Whether the model has a VAE: its model_index.json lists one (SD's and ours)."""
-    index_file = root_file(params, MODEL_INDEX)
-    if index_file is None:
-        raise ReproInputError(
-            f"{_where(params)}: no {MODEL_INDEX} (not a text-to-image model directory)"
-        )
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReproInputError(f"{_where(params)}: {MODEL_INDEX} is not valid JSON ({err})") from err
-    entry = index.get("vae")
-    return isinstance(entry, list) and entry[-1] is not None
+    return store.has_vae(params, "text-to-image")
 
 
 def load_scheduler(params: dict):

@@ -40,7 +40,7 @@ from torch import Tensor
 from repro.core.errors import ReproInputError
 from repro.foundation import store
 from repro.foundation.corpus import check_build_params, config_section
-from repro.foundation.t2i import knn_predict, root_file
+from repro.foundation.t2i import knn_predict
 from repro.foundation.tokenizer import build_tokenizer, vocab_files
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,7 @@ class TextToVideo:
 
 
 def _library_entry(obj) -> list:
-    if obj is None:
-        return [None, None]
-    return [type(obj).__module__.split(".")[0], type(obj).__name__]
+    return store.library_entry(obj)
 
 
 # ----------------------------------------------------------------------------- build
@@ -294,25 +292,12 @@ def save_t2v(t2v: TextToVideo, out_dir: str | os.PathLike) -> None:
 
 
 def _where(params: dict, component: str | None = None) -> str:
-    subfolder = "/".join(p.strip("/") for p in (params.get("subfolder"), component) if p)
-    return f"foundation.{params.get('name') or NAME}: {params.get('pretrained')}" + (
-        f" (subfolder {subfolder})" if subfolder else ""
-    )
+    return store.where(params, component, NAME)
 
 
 def _has_vae(params: dict) -> bool:
     """Whether the model has a VAE: its model_index.json lists one (Wan's and ours)."""
-    index_file = root_file(params, MODEL_INDEX)
-    if index_file is None:
-        raise ReproInputError(
-            f"{_where(params)}: no {MODEL_INDEX} (not a text-to-video model directory)"
-        )
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ReproInputError(f"{_where(params)}: {MODEL_INDEX} is not valid JSON ({err})") from err
-    entry = index.get("vae")
-    return isinstance(entry, list) and entry[-1] is not None
+    return store.has_vae(params, "text-to-video")
 
 
 def load_text_tokenizer(params: dict):

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from repro.core.errors import ReproInputError  # noqa: E402
-from repro.core.io import atomic_write, load_tensors, save_tensors  # noqa: E402
+from repro.core.figures import no_data, save_figure
+from repro.core.io import load_tensors, save_tensors  # noqa: E402
 from repro.core.results import mean_std, read_table  # noqa: E402
 from repro.core.stage import Stage, run  # noqa: E402
 from repro.humo.table import AUDIO, CFG_FORMS, COLUMNS, CURVE_COLUMNS, REAL  # noqa: E402
@@ -88,17 +89,6 @@ COLOR = {
 GENERATED_FORMS = tuple(form for form in CFG_FORMS if form != REAL["cfg"])
 STRIPS_KIND = "humo_strips"
 STRIP_SCALE = 4  # nearest-neighbour upscale of each frame in the strips
-
-
-def save_figure(fig, path) -> None:
-    """Write `fig` as a PNG (150 dpi) atomically, then close it."""
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
-def no_data(ax, text: str = "no rows in the table") -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
 def require(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from repro.core.io import atomic_write  # noqa: E402
+from repro.core.figures import no_data, save_figure
 from repro.core.results import read_table  # noqa: E402
 from repro.core.stage import Stage, run  # noqa: E402
 from repro.probex.table import ACCURACY_COLUMNS, LAYER_COLUMNS, ZEROSHOT_COLUMNS  # noqa: E402
@@ -53,17 +53,6 @@ COLOR = {
 }
 MARKER = {"probex": "o", "dense": "s", "statnn": "^", "probex_single": "D", "probex_experts": "P"}
 CHANCE = 50.0  # element-wise accuracy of a coin flip per class
-
-
-def save_figure(fig, path) -> None:
-    """Write `fig` as a PNG atomically, then close it."""
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
-def no_data(ax, text: str = "no rows in the table") -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
 def percent_stats(values) -> tuple[float, float, np.ndarray]:
