@@ -21,8 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import repro.core.io as io
-from repro.core.io import atomic_write, load_tensors, read_json, save_tensors, write_json
+from repro.core.io import (
+    atomic_write,
+    load_tensors,
+    map_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 
 OLD = "old content, complete\n"
 
@@ -77,11 +83,13 @@ def test_save_tensors_failing_mid_write_keeps_the_old_tensors(tmp_path, monkeypa
     path = tmp_path / "weights.safetensors"
     save_tensors(path, {"w": torch.arange(4.0)}, kind="test_weights")
 
-    def save_half(tensors, filename, metadata=None):  # safetensors dies after some bytes
-        Path(filename).write_bytes(b"\x00" * 16)
+    real_write = Path.write_bytes
+
+    def write_half(self, data):  # the disk fills after some bytes
+        real_write(self, data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", save_half)
+    monkeypatch.setattr(Path, "write_bytes", write_half)
     with pytest.raises(OSError, match="No space left"):
         save_tensors(path, {"w": torch.ones(4)}, kind="test_weights")
     tensors, meta = load_tensors(path, kind="test_weights", required=("w",))
@@ -156,3 +164,23 @@ def test_json_round_trip_after_a_failed_write_is_still_valid_json(tmp_path):
         write_json(path, {"a": object()})  # not serialisable
     assert json.loads(path.read_text()) == {"a": [1, 2, 3]}
     assert names(tmp_path) == ["m.json"]
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
+    """safetensors writes metadata in hash order; save_tensors sorts the header, so two
+    writes of one result are byte-identical (DVC sees one version), and the file still
+    reads back (header padded to 8 bytes, offsets intact)."""
+    tensors = {"b": torch.arange(5, dtype=torch.float32), "a": torch.ones(2, 3, dtype=torch.uint8)}
+    meta = {f"key{i}": [i, "x" * i] for i in range(12)}
+    files = []
+    for i in range(4):
+        path = tmp_path / f"{i}.safetensors"
+        save_tensors(path, tensors, "demo", meta)
+        files.append(path.read_bytes())
+    assert all(f == files[0] for f in files)
+    assert int.from_bytes(files[0][:8], "little") % 8 == 0
+    loaded, read_meta = load_tensors(tmp_path / "0.safetensors", kind="demo", required=("a", "b"))
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
+    assert read_meta["key11"] == [11, "x" * 11] and read_meta["repro_kind"] == "demo"
+    mapped, _ = map_tensors(tmp_path / "0.safetensors", kind="demo")
+    assert torch.equal(mapped["b"], tensors["b"])

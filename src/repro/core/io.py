@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from repro.core.errors import ReproInputError
 
@@ -56,7 +56,20 @@ def save_tensors(
         meta[key] = json.dumps(value)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        tmp.write_bytes(canonical_header(save(tensors, metadata=meta)))
+
+
+def canonical_header(blob: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted: the same tensors and
+    metadata give the same bytes. (safetensors writes the metadata in hash order, so
+    two writes of one result would differ, and DVC would see a new version.) The
+    header is padded with spaces to a multiple of 8 bytes, as safetensors pads it; the
+    tensors' offsets are relative to the data, so they hold whatever the header's size."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, object]:
