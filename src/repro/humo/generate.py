@@ -76,7 +76,7 @@ def generate_set(
     """
     from repro.core.diffusion import sample_generator
     from repro.foundation.t2v import euler_sample, shifted_sigmas
-    from repro.humo.guidance import combine, needed
+    from repro.humo.guidance import guided_velocity
 
     if task not in TASKS:
         raise ReproInputError(f"humo.generate.tasks: unknown task {task!r} (allowed {TASKS})")
@@ -88,7 +88,6 @@ def generate_set(
         rows = slice(start, start + int(batch_size))
         idx = indices[rows]
         text = t2v.encode_prompts([captions[int(i)] for i in idx])
-        empty = negative.expand(len(idx), -1, -1)
         ref = t2v.image_to_model_space(references[rows].to(device)) if "I" in task else None
         audio = windows[rows].to(device) if "A" in task else None
         shape = humo.latent_shape(t2v, num_frames, references.shape[-2:])
@@ -96,18 +95,17 @@ def generate_set(
             [torch.randn(shape, generator=sample_generator(seed, int(i))) for i in idx]
         ).to(device)
 
-        def velocity_fn(x: Tensor, sigma: float, text=text, empty=empty, ref=ref, audio=audio):
-            preds = {}
-            for name in needed(form, sigma, task, weights):
-                preds[name] = humo.velocity(
-                    x,
-                    sigma,
-                    text if "t" in name else empty,
-                    reference=ref if "i" in name else None,
-                    audio=audio if "a" in name else None,
-                )
-            return combine(form, preds, sigma, weights, task)
-
+        # The step's predictions that share the reference frame's presence run as one call.
+        velocity_fn = guided_velocity(
+            humo,
+            form,
+            weights,
+            task,
+            text=text,
+            negative_text=negative,
+            reference=ref,
+            audio=audio,
+        )
         latents = euler_sample(velocity_fn, noise, sigmas, progress=False)
         out.append(t2v.to_video_space(latents).cpu())
     return torch.cat(out)
