@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from repro.kernels.sla_blocks import block_counts  # noqa: F401 (re-exported)
+
 PHI = ("softmax", "elu", "relu")
 LINEAR = ("marginal", "all", "none")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -77,6 +79,12 @@ class BlockMask:
     @property
     def n_critical(self) -> int:
         return self.critical.shape[-1]
+
+    @property
+    def has_marginal(self) -> bool:
+        """Whether any row has a marginal block (the linear branch's "marginal" input)."""
+        n_negligible = 0 if self.negligible is None else self.negligible.shape[-1]
+        return self.n_critical + n_negligible < self.num_blocks[1]
 
     @property
     def num_blocks(self) -> tuple[int, int]:
@@ -187,18 +195,6 @@ def feature_map(x: torch.Tensor, phi: str) -> torch.Tensor:
     if phi == "relu":
         return F.relu(x)
     raise ValueError(f"phi={phi!r} is not a feature map; allowed: {', '.join(PHI)}")
-
-
-def block_counts(num_kv_blocks: int, k_h: float, k_l: float) -> tuple[int, int]:
-    """How many key blocks per row are critical (ceil of k_h) and negligible (floor of k_l).
-
-    The 1e-9 slack stops 0.05 * 20 = 1.0000000000000002 from rounding up to 2.
-    With k_h + k_l <= 1, ceil(k_h N) + floor(k_l N) < N + 1, so the two classes never
-    overlap; the clamp only guards the slack.
-    """
-    n_critical = min(num_kv_blocks, math.ceil(k_h * num_kv_blocks - 1e-9))
-    n_negligible = min(num_kv_blocks - n_critical, math.floor(k_l * num_kv_blocks + 1e-9))
-    return max(n_critical, 0), max(n_negligible, 0)
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -187,7 +187,10 @@ class SparseLinearAttention(nn.Module):
                 backend=self.backend,
             )
             out = o_s
-            if self.proj is not None:
+            # No marginal block (k_h + k_l = 100 %) means no linear branch at all, so no
+            # Proj term either: its bias alone would shift the output, and SLA at
+            # k_h = 100 % would drift from full attention once fine-tuning moves it.
+            if self.proj is not None and (self.linear == "all" or mask.has_marginal):
                 o_l = self.proj(o_l.to(self.proj.weight.dtype))
                 out = o_s.to(o_l.dtype) + o_l
         self.last_mask = mask  # classify_blocks runs without grad: nothing to detach
