@@ -42,6 +42,7 @@ def test_the_papers_register_themselves():
         "results/claims/fedre.csv",
         "results/claims/humo.csv",
         "results/claims/probex.csv",
+        "results/claims/sla.csv",
     ]
     assert "results/sla_kernel.csv" in paper_targets(tiny())
 

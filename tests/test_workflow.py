@@ -33,6 +33,8 @@ from repro.probex import workflow as probex_workflow
 from repro.probex.table import ACCURACY_COLUMNS as PROBEX_COLUMNS
 from repro.probex.table import LAYER_COLUMNS as PROBEX_LAYER_COLUMNS
 from repro.probex.table import ZEROSHOT_COLUMNS as PROBEX_ZEROSHOT_COLUMNS
+from repro.sla import workflow as sla_workflow
+from repro.sla.table import COLUMNS as SLA_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 # The documented way to pick a scale (README): its profile, which leaves targets alone.
@@ -223,6 +225,23 @@ def test_humo_tables(smoke):
     assert len(curves) == len(table) * 2 * offsets
 
 
+def test_sla_quality_table(smoke):
+    """One row per variant and seed, plus the real clips'; FLOPs from the counter."""
+    cfg = smoke["config"]
+    variants = sla_workflow.quality_variants(cfg)
+    table = pd.read_csv(smoke["repo"] / "results/sla_quality.csv")
+    assert list(table.columns) == SLA_COLUMNS
+    expected = {(name, s) for name, v in variants.items() for s in v["seeds"]} | {("real", 0)}
+    assert set(zip(table.variant, table.seed, strict=True)) == expected
+    runs = table[table.variant != "real"].set_index("variant")
+    assert (runs.steps == cfg["sla"]["quality"]["finetune"]["steps"]).all()
+    assert runs.loc["full", "flops_reduction"] == 1.0
+    assert runs.loc["full", "block_sparsity"] == 0.0
+    assert 0.9 < runs.loc["sla", "block_sparsity"] < 1.0
+    assert runs.loc["sla", "attention_flops"] < runs.loc["full", "attention_flops"]
+    assert (runs.test_loss > 0).all() and (runs.attention_ms > 0).all()
+
+
 def test_the_ladder_compares_the_rungs(smoke):
     ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
     agd = smoke["config"]["agd"]
@@ -296,6 +315,15 @@ def test_claims_are_computed_for_humo(smoke):
         assert set(hm.verdict) == {"inconclusive"}
 
 
+def test_claims_are_computed_for_sla(smoke):
+    claims = pd.read_csv(smoke["repo"] / "results/claims.csv")
+    sla = claims[claims.paper == "SLA"]
+    # matches full attention; beats sparse-only at lower sparsity; linear-only fails;
+    # attention FLOPs cut >= 15x
+    assert len(sla) == 4
+    assert set(sla.verdict) <= set(VERDICTS)
+
+
 def test_figures_are_pngs(smoke):
     for name in (
         "agd_fid_vs_w",
@@ -307,6 +335,7 @@ def test_figures_are_pngs(smoke):
         *(Path(f).stem for f in probex_workflow.FIGURES.values()),
         *(Path(f).stem for f in fedre_workflow.FIGURES.values()),
         *(Path(f).stem for f in humo_workflow.FIGURES.values()),
+        *(Path(f).stem for f in sla_workflow.FIGURES.values()),
     ):
         path = smoke["repo"] / f"results/figures/{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -328,6 +357,11 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
     px = smoke["config"]["probex"]
     fr = smoke["config"]["fedre"]
     hm = smoke["config"]["humo"]
+    sla_runs = [
+        (name, seed)
+        for name, v in sla_workflow.quality_variants(smoke["config"]).items()
+        for seed in v["seeds"]
+    ]
     assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
@@ -366,6 +400,11 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "humo_generate": len(hm["variants"]) * seeds,
         "humo_metrics": len(hm["variants"]) * seeds,
         "humo_metrics_real": 1,
+        "sla_faces": 1,
+        "sla_finetune": len(sla_runs),
+        "sla_sample": len(sla_runs),
+        "sla_judge": 1,
+        "sla_eval": 1,
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]
@@ -392,6 +431,7 @@ def test_report_shows_each_papers_tables_and_figures(smoke):
         *(Path(f).name for f in datadream_workflow.FIGURES.values()),
         *(Path(f).name for f in probex_workflow.FIGURES.values()),
         *(Path(f).name for f in humo_workflow.FIGURES.values()),
+        *(Path(f).name for f in sla_workflow.FIGURES.values()),
         "claims.csv",
     ):
         assert needle in html

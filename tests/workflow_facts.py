@@ -32,6 +32,8 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "humo_stage2": ("humo", "train"),
     "humo_generate": None,
     "sla_kernel_bench": None,
+    "sla_finetune": None,
+    "sla_sample": None,
 }
 CPU_RULES = frozenset(
     {
@@ -62,6 +64,11 @@ CPU_RULES = frozenset(
         "humo_strips",
         "humo_figures",
         "humo_claims",
+        "sla_faces",
+        "sla_judge",
+        "sla_eval",
+        "sla_claims",
+        "sla_figures",
         "claims",
     }
 )

@@ -581,7 +581,9 @@ def _timesteps(params: dict) -> dict:
     return spec
 
 
-def pretrain(t2v: TextToVideo, clips: Clips, params: dict, checkpoint_dir) -> dict:
+def pretrain(
+    t2v: TextToVideo, clips: Clips, params: dict, checkpoint_dir, desc: str = "foundation_t2v"
+) -> dict:
     """Pre-train every weight of `t2v` on the training clips with their captions, each
     dropped to "" with probability caption_dropout (repro.core.training.fit: AdamW,
     warm-up + cosine, checkpoints); batches are a function of (seed, step)."""
@@ -606,7 +608,7 @@ def pretrain(t2v: TextToVideo, clips: Clips, params: dict, checkpoint_dir) -> di
         loss_fn=loss_fn,
         checkpoint_dir=checkpoint_dir,
         grad_clip=params.get("grad_clip"),
-        desc="foundation_t2v",
+        desc=desc,
         **optimiser_settings(params),
     )
     t2v.transformer.eval()
