@@ -14,6 +14,7 @@ include: "sla_common.smk"
 
 wildcard_constraints:
     sla_variant="|".join(SLA_VARIANTS),
+    sla_image_variant="|".join(SLA_IMAGE_VARIANTS),
     seed=r"\d+",
 
 
@@ -271,4 +272,184 @@ rule sla_figures:
             "--table {input.table:q} --finetune {input.finetune:q}"
             " --samples {input.samples:q} --out-dir {params.out_dir:q}",
             rule="sla_figures",
+        )
+
+
+# ----------------------------------------------------------------------------- image
+
+
+rule sla_glyphs:
+    # Glyph digits drawn at SLA's image size (data.glyphs with sla.image.glyphs on top).
+    output:
+        "data/sla/glyphs/{glyph_split}.safetensors",
+    log:
+        "logs/sla/glyphs_{glyph_split}.log",
+    benchmark:
+        "benchmarks/rules/sla/glyphs_{glyph_split}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        cfg=lambda wildcards: sla_glyph_params(wildcards.glyph_split),
+    shell:
+        stage("repro.core.data", "glyphs --out {output:q}", rule="sla_glyphs")
+
+
+rule sla_image_classifier:
+    # The FID feature network of the image experiment: a classifier of 16 x 16 glyphs,
+    # selected on val, its test accuracy reported.
+    input:
+        train="data/sla/glyphs/train.safetensors",
+        val="data/sla/glyphs/val.safetensors",
+        test="data/sla/glyphs/test.safetensors",
+    output:
+        model="models/sla/image/classifier.safetensors",
+        metrics="results/sla/image/classifier.json",
+    log:
+        "logs/sla/image_classifier.log",
+    benchmark:
+        "benchmarks/rules/sla/image_classifier.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        cfg=section("sla", "image", "classifier"),
+        data_dir=lambda wildcards, input: os.path.dirname(input.train),
+    shell:
+        stage(
+            "repro.core.classifier",
+            "--data-dir {params.data_dir:q} --kind glyphs --out {output.model:q}"
+            " --metrics {output.metrics:q}",
+            rule="sla_image_classifier",
+        )
+
+
+rule sla_image_base:
+    # The DiT trained from scratch with full attention.
+    input:
+        train="data/sla/glyphs/train.safetensors",
+    output:
+        model=directory("models/sla/image/base"),
+        metrics="results/sla/image/base.json",
+    log:
+        "logs/sla/image_base.log",
+    benchmark:
+        "benchmarks/rules/sla/image_base.tsv"
+    conda:
+        "../envs/sla.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=gpus(),
+    params:
+        cfg=lambda wildcards: sla_image_params(),
+        checkpoints="checkpoints/sla",
+    shell:
+        stage(
+            "repro.sla.image",
+            "base --train {input.train:q} --out {output.model:q}"
+            " --metrics {output.metrics:q} --checkpoint-dir {params.checkpoints:q}",
+            rule="sla_image_base",
+        )
+
+
+rule sla_image_finetune:
+    # The base DiT with one attention variant installed, every weight fine-tuned.
+    input:
+        base=rules.sla_image_base.output.model,
+        train="data/sla/glyphs/train.safetensors",
+    output:
+        model=directory("models/sla/image/{sla_image_variant}_s{seed}"),
+        metrics="results/sla/image/finetune/{sla_image_variant}_s{seed}.json",
+    log:
+        "logs/sla/image_finetune_{sla_image_variant}_s{seed}.log",
+    benchmark:
+        "benchmarks/rules/sla/image_finetune_{sla_image_variant}_s{seed}.tsv"
+    conda:
+        "../envs/sla.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=gpus(),
+    params:
+        cfg=lambda wildcards: sla_image_finetune_params(
+            wildcards.sla_image_variant, wildcards.seed
+        ),
+        checkpoints="checkpoints/sla",
+    shell:
+        stage(
+            "repro.sla.image",
+            "finetune --base {input.base:q} --train {input.train:q}"
+            " --out {output.model:q} --metrics {output.metrics:q}"
+            " --checkpoint-dir {params.checkpoints:q}",
+            rule="sla_image_finetune",
+        )
+
+
+rule sla_image_eval:
+    # Samples of every class from the same noise: FID and attention FLOPs per image.
+    input:
+        model=rules.sla_image_finetune.output.model,
+        finetune=rules.sla_image_finetune.output.metrics,
+        classifier=rules.sla_image_classifier.output.model,
+        test="data/sla/glyphs/test.safetensors",
+    output:
+        "results/sla/image/rows/{sla_image_variant}_s{seed}.json",
+    log:
+        "logs/sla/image_eval_{sla_image_variant}_s{seed}.log",
+    benchmark:
+        "benchmarks/rules/sla/image_eval_{sla_image_variant}_s{seed}.tsv"
+    conda:
+        "../envs/sla.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=gpus(),
+    params:
+        cfg=lambda wildcards: sla_image_params(),
+    shell:
+        stage(
+            "repro.sla.image",
+            "eval --model {input.model:q} --finetune-metrics {input.finetune:q}"
+            " --classifier {input.classifier:q} --test {input.test:q} --out {output:q}",
+            rule="sla_image_eval",
+        )
+
+
+rule sla_image_table:
+    input:
+        sla_image_runs("results/sla/image/rows/{variant}_s{seed}.json"),
+    output:
+        report(
+            "results/sla_image.csv",
+            caption="../report/sla_image.rst",
+            category=SLA_LABEL,
+            subcategory="Tables",
+        ),
+    log:
+        "logs/sla/image_table.log",
+    benchmark:
+        "benchmarks/rules/sla/image_table.tsv"
+    conda:
+        "../envs/sla.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        cfg=json.dumps({"order": list(SLA_IMAGE_VARIANTS)}),
+    shell:
+        stage(
+            "repro.sla.image",
+            "table --rows {input:q} --out {output:q}",
+            rule="sla_image_table",
         )

@@ -364,7 +364,7 @@ def test_the_tiny_config_has_36_key_blocks_and_2_critical_a_row():
             {"variants": [{"name": "sla", "attention": "paper", "k_h": 0.6, "k_l": 0.5}]},
             "k_h + k_l = 0.6 + 0.5 exceeds",
         ),
-        ({"variants": [{"name": "real", "attention": "full"}]}, "'real' names the real clips"),
+        ({"variants": [{"name": "real", "attention": "full"}]}, "'real' names the real data"),
     ],
 )
 def test_bad_quality_settings_name_their_key(changes, needle):

@@ -242,6 +242,14 @@ def test_sla_quality_table(smoke):
     assert (runs.test_loss > 0).all() and (runs.attention_ms > 0).all()
 
 
+def test_sla_image_table(smoke):
+    image = pd.read_csv(smoke["repo"] / "results/sla_image.csv")
+    variants = sla_workflow.quality_variants(smoke["config"], "image")
+    expected = {(name, s) for name, v in variants.items() for s in v["seeds"]}
+    assert set(zip(image.variant, image.seed, strict=True)) == expected
+    assert (image.fid >= 0).all() and (image.flops_reduction >= 1).all()
+
+
 def test_the_ladder_compares_the_rungs(smoke):
     ladder = pd.read_csv(smoke["repo"] / "results/agd_ladder.csv")
     agd = smoke["config"]["agd"]
@@ -362,6 +370,11 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         for name, v in sla_workflow.quality_variants(smoke["config"]).items()
         for seed in v["seeds"]
     ]
+    image_runs = [
+        (name, seed)
+        for name, v in sla_workflow.quality_variants(smoke["config"], "image").items()
+        for seed in v["seeds"]
+    ]
     assert ladder_rungs(smoke["config"]) == ["b3"]
     assert counts == {
         "digit_classifier": 1,
@@ -405,6 +418,10 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "sla_sample": len(sla_runs),
         "sla_judge": 1,
         "sla_eval": 1,
+        "sla_image_classifier": 1,
+        "sla_image_base": 1,
+        "sla_image_finetune": len(image_runs),
+        "sla_image_eval": len(image_runs),
     }
     scales = db.execute("SELECT DISTINCT value FROM tags WHERE key = 'scale'").fetchall()
     assert scales == [("smoke",)]

@@ -34,6 +34,9 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "sla_kernel_bench": None,
     "sla_finetune": None,
     "sla_sample": None,
+    "sla_image_base": None,
+    "sla_image_finetune": None,
+    "sla_image_eval": None,
 }
 CPU_RULES = frozenset(
     {
@@ -69,6 +72,9 @@ CPU_RULES = frozenset(
         "sla_eval",
         "sla_claims",
         "sla_figures",
+        "sla_glyphs",
+        "sla_image_classifier",
+        "sla_image_table",
         "claims",
     }
 )

@@ -15,55 +15,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from repro.core.data import load_image_dataset
-from repro.core.diffusion import DiTDenoiser, epsilon_loss, scheduler_from_params
-from repro.core.distributed import local_batch_size, step_generator
-from repro.core.modelio import build_dit, null_label, save_dit, set_label_dropout
+from repro.core.diffusion import train_denoiser
+from repro.core.modelio import build_dit, save_dit
 from repro.core.stage import Stage, run
-from repro.core.training import fit, optimiser_settings
 
 log = logging.getLogger(__name__)
-
-
-def train_denoiser(
-    model, params: dict, images: torch.Tensor, labels: torch.Tensor, checkpoint_dir, desc: str
-):
-    """Train a DiT on (images, labels) with the epsilon loss; returns (model, fit summary).
-
-    Used from scratch by agd_base and to derive a fine-tuned checkpoint by agd_transfer.
-    The model trains where it is; each step's batch is drawn on the CPU (a pure
-    function of seed, step and rank) and moved there.
-    """
-    # CFG needs the model to learn the unconditional (null-class) prediction too.
-    # diffusers drops labels inside every block with the global RNG, independently
-    # per block; one seeded mask per sample, drawn in the loss, is the textbook form.
-    set_label_dropout(model, 0.0)
-    model.train()
-    denoiser = DiTDenoiser(model)
-    null, p_uncond = null_label(model), params["label_dropout"]
-    scheduler = scheduler_from_params(params["sampler"])
-    seed, batch_size = params["seed"], local_batch_size(params["batch_size"])
-    device = model.device
-    torch.manual_seed(seed)
-
-    def loss_fn(step: int) -> torch.Tensor:
-        gen = step_generator(seed, step)
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x0, y = images[idx].to(device), labels[idx].to(device)
-        return epsilon_loss(denoiser, scheduler, x0, y, gen, p_uncond=p_uncond, null_label=null)
-
-    summary = fit(
-        modules={"model": model},
-        parameters=list(model.parameters()),
-        loss_fn=loss_fn,
-        checkpoint_dir=checkpoint_dir,
-        **optimiser_settings(params),
-        desc=desc,
-    )
-    model.eval()
-    return model, summary
 
 
 def main(argv=None) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from repro.agd.base import train_denoiser
 from repro.core.data import load_image_dataset
+from repro.core.diffusion import train_denoiser
 from repro.core.errors import ReproInputError
 from repro.core.modelio import build_dit, load_dit, save_dit
 from repro.core.stage import Stage, run

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     from repro.core.stage import Stage
 
     stage = Stage(
-        "Train the 8x8 digit classifier used as the FID / IS feature network.",
+        "Train the digit classifier used as the FID / IS feature network (8x8 digits; 16x16 glyphs for SLA).",
         paper="core",
         out="classifier .safetensors to write",
         metrics=True,
@@ -234,10 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     stage.parser.add_argument(
         "--data-dir", type=Path, required=True, help="holds train/val/test.safetensors"
     )
+    stage.parser.add_argument(
+        "--kind",
+        default="digits",
+        choices=("digits", "glyphs"),
+        help="what the split files hold (glyphs: SLA's image experiment at 16 x 16)",
+    )
     args = stage.start(argv)
 
     splits = {
-        name: load_image_dataset(args.data_dir / f"{name}.safetensors", kind="digits")
+        name: load_image_dataset(args.data_dir / f"{name}.safetensors", kind=args.kind)
         for name in ("train", "val", "test")
     }
     model, metrics = train_classifier(

@@ -306,3 +306,52 @@ class DiTDenoiser(nn.Module):
         if w is not None:
             raise ValueError("DiTDenoiser: a plain DiT takes no guidance scale w (use AdaptedDiT)")
         return self.model(x, timestep=t, class_labels=labels).sample
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_denoiser(
+    model, params: dict, images: torch.Tensor, labels: torch.Tensor, checkpoint_dir, desc: str
+):
+    """Train a DiT on (images, labels) with the epsilon loss; returns (model, fit summary).
+
+    params: label_dropout, sampler (scheduler_from_params), seed, batch_size and the
+    optimiser settings (repro.core.training.optimiser_settings). AGD trains its base
+    with it from scratch and derives a fine-tuned checkpoint; SLA's image experiment
+    pre-trains and fine-tunes its DiT.
+    The model trains where it is; each step's batch is drawn on the CPU (a pure
+    function of seed, step and rank) and moved there.
+    """
+    from repro.core.distributed import local_batch_size, step_generator
+    from repro.core.modelio import null_label, set_label_dropout
+    from repro.core.training import fit, optimiser_settings
+
+    # CFG needs the model to learn the unconditional (null-class) prediction too.
+    # diffusers drops labels inside every block with the global RNG, independently
+    # per block; one seeded mask per sample, drawn in the loss, is the textbook form.
+    set_label_dropout(model, 0.0)
+    model.train()
+    denoiser = DiTDenoiser(model)
+    null, p_uncond = null_label(model), params["label_dropout"]
+    scheduler = scheduler_from_params(params["sampler"])
+    seed, batch_size = params["seed"], local_batch_size(params["batch_size"])
+    device = model.device
+    torch.manual_seed(seed)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        gen = step_generator(seed, step)
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x0, y = images[idx].to(device), labels[idx].to(device)
+        return epsilon_loss(denoiser, scheduler, x0, y, gen, p_uncond=p_uncond, null_label=null)
+
+    summary = fit(
+        modules={"model": model},
+        parameters=list(model.parameters()),
+        loss_fn=loss_fn,
+        checkpoint_dir=checkpoint_dir,
+        **optimiser_settings(params),
+        desc=desc,
+    )
+    model.eval()
+    return model, summary

@@ -10,7 +10,11 @@ Two experiments:
   (foundation_t2v, shared with HuMo) fine-tuned as a whole per attention variant and
   seed (sla_finetune) -> test/val losses, samples of the test captions, attention FLOPs
   and attention time (sla_sample) -> frame FID with a frame encoder trained on real
-  frames (sla_judge) -> results/sla_quality.csv (sla_eval) -> claims, figures.
+  frames (sla_judge) -> results/sla_quality.csv (sla_eval) -> claims, figures;
+- the image experiment: glyphs at 16 x 16 (sla_glyphs) -> a DiT trained with full
+  attention (sla_image_base) -> fine-tuned per variant and seed (sla_image_finetune)
+  -> FID and attention FLOPs (sla_image_eval, with sla_image_classifier's features)
+  -> results/sla_image.csv (sla_image_table).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from repro.kernels.sla_blocks import block_counts, num_blocks
 
 KERNEL_TABLE = "results/sla_kernel.csv"
 QUALITY_TABLE = "results/sla_quality.csv"
+IMAGE_TABLE = "results/sla_image.csv"
 FIGURES = {
     "quality": "results/figures/sla_quality.png",
     "frames": "results/figures/sla_frames.png",
@@ -36,11 +41,11 @@ VARIANT_DEFAULTS = {"k_h": 0.05, "k_l": 0.10, "phi": "softmax"}
 CLAIM_VARIANTS = ("full", "sla", "sparse_low", "linear")
 
 
-def quality_variants(config: Mapping) -> dict[str, dict]:
-    """The variants of sla.quality.variants by name, in config order, each with its
-    attention, k_h, k_l, phi (defaults filled in) and seeds (its own, else
-    sla.quality.seeds, else the top-level seeds)."""
-    quality = config["sla"]["quality"]
+def quality_variants(config: Mapping, section: str = "quality") -> dict[str, dict]:
+    """The variants of sla.<section>.variants (quality: the video experiment, image: the
+    DiT) by name, in config order, each with its attention, k_h, k_l, phi (defaults
+    filled in) and seeds (its own, else sla.<section>.seeds, else the top-level seeds)."""
+    quality = config["sla"][section]
     default_seeds = quality.get("seeds") or config.get("seeds") or [0]
     out = {}
     for spec in quality["variants"]:
@@ -75,6 +80,16 @@ def install_kwargs(variant: Mapping, block_q: int, block_kv: int) -> dict:
     }
 
 
+def glyph_params(config: Mapping, split: str) -> dict:
+    """SLA's image data: data.glyphs (the split's own n and seed for val / test) with
+    sla.image.glyphs on top."""
+    glyphs = dict(config["data"]["glyphs"])
+    heldout = {"val": glyphs.pop("val"), "test": glyphs.pop("test")}
+    if split in heldout:
+        glyphs.update(heldout[split])
+    return {**glyphs, **config["sla"]["image"].get("glyphs", {})}
+
+
 def faces_params(config: Mapping) -> dict:
     """SLA's talking faces: data.faces with sla.quality.faces on top."""
     return {**config["data"]["faces"], **config["sla"]["quality"].get("faces", {})}
@@ -87,7 +102,13 @@ def tokens(frames: int, size: int, patch: list[int]) -> int:
 
 
 def variant_errors(
-    name: str, variant: Mapping, seq_len: int, block_q: int, block_kv: int, key: str
+    name: str,
+    variant: Mapping,
+    seq_len: int,
+    block_q: int,
+    block_kv: int,
+    key: str,
+    section: str = "quality",
 ) -> list[str]:
     """What makes a variant impossible on a sequence of `seq_len` tokens; each message
     starts with the config key (`key`) it is about."""
@@ -95,7 +116,7 @@ def variant_errors(
     for block_key, block in (("block_q", block_q), ("block_kv", block_kv)):
         if block > seq_len:
             errors.append(
-                f"sla.quality.{block_key}: blocks of {block} tokens are longer than the "
+                f"sla.{section}.{block_key}: blocks of {block} tokens are longer than the "
                 f"sequence ({seq_len} tokens)"
             )
     if errors:
@@ -113,14 +134,46 @@ def variant_errors(
     return errors
 
 
+def _name_errors(names: list[str], section: str) -> list[str]:
+    errors = [
+        f"sla.{section}.variants: {name!r} is defined more than once"
+        for name in sorted({n for n in names if names.count(n) > 1})
+    ]
+    if "real" in names:
+        errors.append(f"sla.{section}.variants: 'real' names the real data's row; rename it")
+    return errors
+
+
+def image_checks(config: Mapping) -> list[str]:
+    image = config["sla"]["image"]
+    names = [spec["name"] for spec in image["variants"]]
+    errors = _name_errors(names, "image")
+    variants = quality_variants(config, "image")
+    model = image["model"]
+    size = int(glyph_params(config, "train")["size"])
+    if size != int(model["sample_size"]):
+        errors.append(
+            f"sla.image.model.sample_size: {model['sample_size']}, but the glyphs are drawn at "
+            f"{size} (sla.image.glyphs.size)"
+        )
+    seq_len = (int(model["sample_size"]) // int(model["patch_size"])) ** 2
+    for i, name in enumerate(names):
+        errors += variant_errors(
+            name,
+            variants[name],
+            seq_len,
+            int(image["block_q"]),
+            int(image["block_kv"]),
+            f"sla.image.variants[{i}] ({name})",
+            section="image",
+        )
+    return sorted(set(errors), key=errors.index)
+
+
 def quality_checks(config: Mapping) -> list[str]:
     quality = config["sla"]["quality"]
-    errors = []
     names = [spec["name"] for spec in quality["variants"]]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        errors.append(f"sla.quality.variants: {name!r} is defined more than once")
-    if "real" in names:
-        errors.append("sla.quality.variants: 'real' names the real clips' row; rename it")
+    errors = _name_errors(names, "quality")
     variants = quality_variants(config)
     claims = quality["claims"]
     for key in CLAIM_VARIANTS:
@@ -167,11 +220,11 @@ def kernel_checks(config: Mapping) -> list[str]:
 
 def checks(config: Mapping) -> list[str]:
     """Checks between values of the sla section; assumes the schema passed."""
-    return kernel_checks(config) + quality_checks(config)
+    return kernel_checks(config) + quality_checks(config) + image_checks(config)
 
 
 def targets(config: Mapping) -> list[str]:
-    return [KERNEL_TABLE, QUALITY_TABLE, *FIGURES.values(), CLAIMS]
+    return [KERNEL_TABLE, QUALITY_TABLE, IMAGE_TABLE, *FIGURES.values(), CLAIMS]
 
 
 PAPER = PaperSpec(
@@ -180,7 +233,7 @@ PAPER = PaperSpec(
     label="SLA",
     schema="sla.schema.yaml",
     targets=targets,
-    tables=(KERNEL_TABLE, QUALITY_TABLE),
+    tables=(KERNEL_TABLE, QUALITY_TABLE, IMAGE_TABLE),
     claims=CLAIMS,
     checks=checks,
 )
