@@ -413,7 +413,6 @@ def test_every_training_and_evaluation_rule_logged_one_mlflow_run(smoke):
         "humo_generate": len(hm["variants"]) * seeds,
         "humo_metrics": len(hm["variants"]) * seeds,
         "humo_metrics_real": 1,
-        "sla_faces": 1,
         "sla_finetune": len(sla_runs),
         "sla_sample": len(sla_runs),
         "sla_judge": 1,
