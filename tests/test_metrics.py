@@ -168,3 +168,16 @@ def test_build_scorer_inception_scores_end_to_end(tmp_path):
     assert want_is - 1 > 1e-5
     assert result["inception_score"] - 1 == pytest.approx(want_is - 1, rel=1e-3)
     assert result["num_images"] == 3
+
+
+def test_frechet_features_is_zero_on_itself_and_names_the_metric_on_bad_input():
+    from repro.core.errors import ReproInputError
+    from repro.core.metrics import frechet_features
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(50, 3, generator=g)
+    # Shifting every feature by 1 moves the means by sqrt(3): FD = 3, covariances equal.
+    assert frechet_features(a, a + 1.0) == pytest.approx(3.0, rel=1e-6)
+    assert frechet_features(a, a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ReproInputError, match="frame_fid: needs at least 2"):
+        frechet_features(a[:1], a, "frame_fid")

@@ -238,3 +238,15 @@ def test_spread_verdict_needs_min_seeds_and_reads_mean_minus_std():
     assert spread_verdict([1.0, 2.0, 3.0], 3.0, "higher", 3)[3] == "does not hold"
     # two seeds decide nothing when three are asked for; NaNs do not count
     assert spread_verdict([1.0, 2.0, math.nan], 0.0, "higher", 3)[2:] == (2, "inconclusive")
+
+
+def test_check_keyed_table_names_missing_columns_and_a_repeated_key():
+    from repro.core.results import check_keyed_table
+
+    table = pd.DataFrame({"variant": ["a", "a", "b"], "seed": [0, 1, 0], "x": [1.0, 2.0, 3.0]})
+    check_keyed_table(table, ["variant", "seed", "x"], ["variant", "seed"], "t")  # passes
+    with pytest.raises(ReproInputError, match=r"t lacks columns \['y'\]"):
+        check_keyed_table(table, ["x", "y"], ["variant", "seed"], "t")
+    twice = pd.concat([table, table.iloc[[1]]])
+    with pytest.raises(ReproInputError, match=r"the row \{'variant': 'a', 'seed': 1\} appears"):
+        check_keyed_table(twice, ["x"], ["variant", "seed"], "t")

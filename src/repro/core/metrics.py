@@ -44,6 +44,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(_compute_fid(as64(mu1), as64(sigma1), as64(mu2), as64(sigma2)))
 
 
+def frechet_features(
+    features_a: torch.Tensor, features_b: torch.Tensor, what: str = "FID"
+) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of features [M, D] and [K, D]
+    (means and covariances in float64; clamped at 0 against round-off). `what` names
+    the metric in errors."""
+    if features_a.ndim != 2 or features_b.ndim != 2:
+        raise ReproInputError(f"{what}: features must be [items, dim]")
+    if features_a.shape[1] != features_b.shape[1]:
+        raise ReproInputError(
+            f"{what}: feature sizes differ ({features_a.shape[1]} vs {features_b.shape[1]})"
+        )
+    if len(features_a) < 2 or len(features_b) < 2:
+        raise ReproInputError(f"{what}: needs at least 2 items on each side")
+
+    def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.double()
+        return x.mean(0), torch.cov(x.T)
+
+    return max(0.0, frechet_distance(*moments(features_a), *moments(features_b)))
+
+
 class _Precomputed(nn.Identity):
     """The `feature` module handed to torchmetrics' FID: its inputs already are features."""
 

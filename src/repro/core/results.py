@@ -55,6 +55,23 @@ def read_table(path: str | os.PathLike, required: Sequence[str] = ()) -> pd.Data
     return df
 
 
+def check_keyed_table(
+    table: pd.DataFrame, columns: Sequence[str], keys: Sequence[str], what: str
+) -> None:
+    """Refuse a table without the contract's `columns` or with a `keys` combination seen
+    twice (a per-seed pairing would silently pick or average one of them)."""
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise ReproInputError(f"{what} lacks columns {missing} (has {list(table.columns)})")
+    duplicated = table[table.duplicated(list(keys), keep=False)]
+    if not duplicated.empty:
+        first = {
+            k: (v.item() if hasattr(v, "item") else v)
+            for k, v in duplicated.iloc[0][list(keys)].items()
+        }
+        raise ReproInputError(f"{what}: the row {first} appears more than once")
+
+
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
     """Mean and sample std (ddof=1) of the finite-or-infinite values, NaNs dropped.
 

@@ -160,6 +160,27 @@ class Stage:
         return metrics
 
 
+def dispatch(
+    commands: dict[str, Callable[[list[str]], object]],
+    argv: Sequence[str] | None,
+    prog: str,
+    doc: str | None = None,
+) -> None:
+    """Run the subcommand named by argv[0] of a module with several stages
+    (`python -m repro.x.evaluate judges ...`). The subcommand receives the WHOLE command
+    line, its own name included (its Stage declares it as the positional `command`), so
+    that the command it logs can be rerun as it is. An unknown or missing subcommand
+    prints the usage and exits 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in commands:
+        parser = argparse.ArgumentParser(
+            prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        parser.add_argument("command", choices=sorted(commands))
+        parser.parse_args(argv[:1])  # prints the usage (help, or the error) and exits
+    commands[argv[0]](argv)
+
+
 def run(main: Callable[[], object]) -> None:
     """Run a stage's `main` as this process's command (`if __name__ == "__main__": run(main)`).
 

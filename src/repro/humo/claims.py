@@ -37,7 +37,14 @@ from dataclasses import dataclass
 import pandas as pd
 
 from repro.core.errors import ReproInputError
-from repro.core.results import Claim, format_mean_std, read_table, spread_verdict, write_claims
+from repro.core.results import (
+    Claim,
+    check_keyed_table,
+    format_mean_std,
+    read_table,
+    spread_verdict,
+    write_claims,
+)
 from repro.core.stage import Stage, run
 from repro.humo.table import CFG_FORMS, COLUMNS, KEYS
 
@@ -88,17 +95,7 @@ class TwoMetricClaim(Claim):
 def check_table(table: pd.DataFrame, what: str = "the metrics table") -> None:
     """Refuse a table without the contract's columns or with a key seen twice (a per-seed
     pairing would silently average the two)."""
-    missing = [c for c in COLUMNS if c not in table]
-    if missing:
-        raise ReproInputError(f"{what} lacks columns {missing} (has {list(table.columns)})")
-    duplicated = table[table.duplicated(KEYS, keep=False)]
-    if not duplicated.empty:
-        first = {k: _plain(v) for k, v in duplicated.iloc[0][KEYS].items()}
-        raise ReproInputError(f"{what}: the row {first} appears more than once")
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
+    check_keyed_table(table, COLUMNS, KEYS, what)
 
 
 def rows_of(table: pd.DataFrame, side: Side) -> pd.DataFrame:

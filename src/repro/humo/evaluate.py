@@ -34,10 +34,8 @@ judge. `metrics` writes one JSON row (repro.humo.table COLUMNS, plus the sync cu
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +48,7 @@ from torch import Tensor, nn
 from repro.core.distributed import step_generator
 from repro.core.errors import ReproInputError
 from repro.core.io import load_tensors, save_tensors, write_json
-from repro.core.metrics import frechet_distance
+from repro.core.metrics import frechet_features
 from repro.core.training import fit
 
 log = logging.getLogger("repro")
@@ -199,23 +197,9 @@ def shuffled_envelopes(envelope: Tensor, generator: torch.Generator) -> Tensor:
 
 def frechet_frames(features_gen: Tensor, features_real: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two sets of frame features [M, D] and
-    [K, D] (repro.core.metrics.frechet_distance; the frame FID with the identity encoder's
-    features in place of Inception's)."""
-    if features_gen.ndim != 2 or features_real.ndim != 2:
-        raise ReproInputError("frechet_frames: features must be [frames, dim]")
-    if features_gen.shape[1] != features_real.shape[1]:
-        raise ReproInputError(
-            f"frechet_frames: feature sizes differ ({features_gen.shape[1]} vs "
-            f"{features_real.shape[1]})"
-        )
-    if len(features_gen) < 2 or len(features_real) < 2:
-        raise ReproInputError("frechet_frames: needs at least 2 frames on each side")
-
-    def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-        x = x.double()
-        return x.mean(0), torch.cov(x.T)
-
-    return max(0.0, frechet_distance(*moments(features_gen), *moments(features_real)))
+    [K, D] (repro.core.metrics.frechet_features; the frame FID with the identity
+    encoder's features in place of Inception's)."""
+    return frechet_features(features_gen, features_real, "frechet_frames")
 
 
 # ---------------------------------------------------------------------------------------
@@ -907,16 +891,9 @@ COMMANDS = {"judges": judges_main, "metrics": metrics_main}
 def main(argv: Sequence[str] | None = None) -> None:
     """`judges ...` or `metrics ...`: the subcommand's own stage parses the command line
     (the subcommand included, so that the logged command can be rerun as it is)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        parser = argparse.ArgumentParser(
-            prog="repro.humo.evaluate",
-            description=__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        parser.add_argument("command", choices=sorted(COMMANDS))
-        parser.parse_args(argv[:1])  # prints the usage (help, or the error) and exits
-    COMMANDS[argv[0]](argv)
+    from repro.core.stage import dispatch
+
+    dispatch(COMMANDS, argv, "repro.humo.evaluate", __doc__)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from repro.core import figures
 from repro.core.errors import ReproInputError  # noqa: E402
 from repro.core.figures import no_data, save_figure
 from repro.core.io import load_tensors, save_tensors  # noqa: E402
@@ -365,15 +366,8 @@ def load_strips(path: str | os.PathLike) -> Strips:
 
 
 def upscale(image: np.ndarray, scale: int = STRIP_SCALE) -> np.ndarray:
-    """uint8 [3, H, W] -> [H * scale, W * scale, 3]: each pixel a scale x scale block."""
-    return np.asarray(image).transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
-
-
-def _bare(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for side in ax.spines.values():
-        side.set_visible(False)
+    """uint8 [3, H, W] -> [H * scale, W * scale, 3] (repro.core.figures.upscale)."""
+    return figures.upscale(image, scale)
 
 
 def strips_figure(
@@ -402,7 +396,7 @@ def strips_figure(
         for r, name in enumerate(names, start=1):
             video = strips.real if name == "real" else strips.videos[name]
             label = fig.add_subplot(grid[top + r, 0])
-            _bare(label)
+            figures.bare_axes(label)
             if r == 1:
                 label.imshow(upscale(strips.reference[k], scale), interpolation="nearest")
                 label.set_title("reference", fontsize=7)
@@ -410,7 +404,7 @@ def strips_figure(
             label.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
             for f in range(frames):
                 ax = fig.add_subplot(grid[top + r, f + 1])
-                _bare(ax)
+                figures.bare_axes(ax)
                 ax.imshow(upscale(video[k, :, f], scale), interpolation="nearest")
                 ax.set_gid(f"{name}/{k}/{f}")
                 if r == 1:

@@ -41,6 +41,7 @@ from repro.core.errors import ReproInputError
 from repro.core.results import (
     ROUNDING,
     Claim,
+    check_keyed_table,
     format_mean_std,
     mean_std,
     spread_verdict,
@@ -132,17 +133,7 @@ def _positive(params: dict, key: str, zero_allowed: bool = False) -> float:
 def check_table(table: pd.DataFrame, what: str = "the quality table") -> None:
     """Refuse a table without the contract's columns or with a (variant, seed) seen twice
     (a per-seed pairing would silently pick one)."""
-    missing = [c for c in COLUMNS if c not in table]
-    if missing:
-        raise ReproInputError(f"{what} lacks columns {missing} (has {list(table.columns)})")
-    duplicated = table[table.duplicated(KEYS, keep=False)]
-    if not duplicated.empty:
-        first = {k: _plain(v) for k, v in duplicated.iloc[0][KEYS].items()}
-        raise ReproInputError(f"{what}: the row {first} appears more than once")
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
+    check_keyed_table(table, COLUMNS, KEYS, what)
 
 
 def rows_of(table: pd.DataFrame, variant: str) -> pd.DataFrame:

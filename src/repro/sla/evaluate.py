@@ -22,9 +22,7 @@ test clips, the floor a generator is read against.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -90,16 +88,9 @@ def background_accuracy(encoder: FrameEncoder, video: Tensor, labels: Tensor) ->
 
 def frame_fid(features_gen: Tensor, features_real: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two sets of frame features."""
-    from repro.core.metrics import frechet_distance
+    from repro.core.metrics import frechet_features
 
-    if len(features_gen) < 2 or len(features_real) < 2:
-        raise ReproInputError("frame_fid: needs at least 2 frames on each side")
-
-    def moments(x: Tensor) -> tuple[Tensor, Tensor]:
-        x = x.double()
-        return x.mean(0), torch.cov(x.T)
-
-    return max(0.0, frechet_distance(*moments(features_gen), *moments(features_real)))
+    return frechet_features(features_gen, features_real, "frame_fid")
 
 
 def train_judge(train, params: dict) -> FrameEncoder:
@@ -166,7 +157,8 @@ def _stage(command: str, out: str, metrics: bool = False):
     from repro.core.stage import Stage
 
     stage = Stage(__doc__, paper="sla", out=out, metrics=metrics)
-    stage.parser.prog = f"repro.sla.evaluate {command}"
+    stage.parser.prog = "repro.sla.evaluate"
+    stage.parser.add_argument("command", choices=[command])
     return stage
 
 
@@ -243,12 +235,9 @@ COMMANDS = {"judge": judge_main, "table": table_main}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="repro.sla.evaluate", description=__doc__)
-    parser.add_argument("command", choices=tuple(COMMANDS))
-    if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv[:1])  # prints usage and exits
-    COMMANDS[argv[0]](argv[1:])
+    from repro.core.stage import dispatch
+
+    dispatch(COMMANDS, argv, "repro.sla.evaluate", __doc__)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,10 @@ diffusers class of AGD's base) on glyph digits drawn at 16 x 16 with 1 x 1 patch
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,7 +110,8 @@ def base_main(argv: Sequence[str] | None = None) -> None:
     from repro.core.stage import Stage
 
     stage = Stage(__doc__, paper="sla", out="the DiT directory", metrics=True, checkpoint_dir=True)
-    stage.parser.prog = "repro.sla.image base"
+    stage.parser.prog = "repro.sla.image"
+    stage.parser.add_argument("command", choices=["base"])
     stage.parser.add_argument("--train", required=True, help="the glyph train split")
     args = stage.start(argv)
     data = load_image_dataset(args.train, kind="glyphs")
@@ -142,7 +141,8 @@ def finetune_main(argv: Sequence[str] | None = None) -> None:
     from repro.sla.processor import install_sla
 
     stage = Stage(__doc__, paper="sla", out="the fine-tuned DiT", metrics=True, checkpoint_dir=True)
-    stage.parser.prog = "repro.sla.image finetune"
+    stage.parser.prog = "repro.sla.image"
+    stage.parser.add_argument("command", choices=["finetune"])
     stage.parser.add_argument("--base", required=True, help="the base DiT (sla_image_base)")
     stage.parser.add_argument("--train", required=True, help="the glyph train split")
     args = stage.start(argv)
@@ -213,7 +213,8 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from repro.sla.workflow import nominal_sparsity
 
     stage = Stage(__doc__, paper="sla", out="the JSON row")
-    stage.parser.prog = "repro.sla.image eval"
+    stage.parser.prog = "repro.sla.image"
+    stage.parser.add_argument("command", choices=["eval"])
     stage.parser.add_argument("--model", required=True)
     stage.parser.add_argument("--finetune-metrics", required=True)
     stage.parser.add_argument("--classifier", required=True, help="the 16 x 16 glyph classifier")
@@ -291,7 +292,8 @@ def table_main(argv: Sequence[str] | None = None) -> None:
     from repro.core.stage import Stage
 
     stage = Stage(__doc__, paper="sla", out="results/sla_image.csv")
-    stage.parser.prog = "repro.sla.image table"
+    stage.parser.prog = "repro.sla.image"
+    stage.parser.add_argument("command", choices=["table"])
     stage.parser.add_argument("--rows", nargs="+", required=True)
     args = stage.start(argv)
     table = build_image_table([read_json(p) for p in args.rows], stage.params.get("order"))
@@ -303,12 +305,9 @@ COMMANDS = {"base": base_main, "finetune": finetune_main, "eval": eval_main, "ta
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="repro.sla.image", description=__doc__)
-    parser.add_argument("command", choices=tuple(COMMANDS))
-    if not argv or argv[0] not in COMMANDS:
-        parser.parse_args(argv[:1])  # prints usage and exits
-    COMMANDS[argv[0]](argv[1:])
+    from repro.core.stage import dispatch
+
+    dispatch(COMMANDS, argv, "repro.sla.image", __doc__)
 
 
 if __name__ == "__main__":

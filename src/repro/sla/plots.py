@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from repro.core import figures
 from repro.core.errors import ReproInputError  # noqa: E402
 from repro.core.figures import no_data, save_figure  # noqa: E402
 from repro.core.io import load_tensors, read_json  # noqa: E402
@@ -224,15 +225,8 @@ def first_samples(samples: Sequence[Samples]) -> dict[str, Samples]:
 
 
 def upscale(image: np.ndarray, scale: int = FRAME_SCALE) -> np.ndarray:
-    """uint8 [3, H, W] -> [H * scale, W * scale, 3]: each pixel a scale x scale block."""
-    return np.asarray(image).transpose(1, 2, 0).repeat(scale, axis=0).repeat(scale, axis=1)
-
-
-def _bare(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for side in ax.spines.values():
-        side.set_visible(False)
+    """uint8 [3, H, W] -> [H * scale, W * scale, 3] (repro.core.figures.upscale)."""
+    return figures.upscale(image, scale)
 
 
 def frames_figure(
@@ -260,7 +254,7 @@ def frames_figure(
         caption.text(0.0, 0.0, f"{variant} (seed {s.seed}): {s.captions[0]!r}", fontsize=8)
         for f in range(s.video.shape[2]):
             ax = fig.add_subplot(grid[2 * r + 1, f])
-            _bare(ax)
+            figures.bare_axes(ax)
             ax.imshow(upscale(s.video[0, :, f], scale), interpolation="nearest")
             ax.set_gid(f"{variant}/{f}")
             if f == 0:
