@@ -84,16 +84,40 @@ def check_blocks(settings: dict, seq_len: int, name: str) -> dict:
     }
 
 
-class SLATextToVideo:
-    """A TextToVideo with SLA installed, as one thing to save: the Wan layout (SLA's Proj
-    weights ride in the transformer's safetensors) plus sla.json."""
+class WithSLA:
+    """A model with SLA installed, as one thing to save: the model's own directory
+    (SLA's Proj weights ride in its safetensors) plus sla.json. The Wan pipeline here,
+    the DiT in repro.sla.image."""
 
-    def __init__(self, t2v, sla: dict) -> None:
-        self.t2v, self.sla = t2v, sla
+    def __init__(self, model, sla: dict) -> None:
+        self.model, self.sla = model, sla
 
     def save_pretrained(self, out_dir: str | os.PathLike, safe_serialization: bool = True) -> None:
-        self.t2v.save_pretrained(out_dir, safe_serialization=safe_serialization)
+        self.model.save_pretrained(out_dir, safe_serialization=safe_serialization)
         (Path(out_dir) / SLA_FILE).write_text(json.dumps(self.sla, indent=2, sort_keys=True))
+
+
+def read_sla_file(model_dir: str | os.PathLike, stage: str) -> dict:
+    """sla.json of a model `stage` saved: {"name", "seed", "settings" (SETTING_KEYS), ...}."""
+    sla_file = Path(model_dir) / SLA_FILE
+    if not sla_file.is_file():
+        raise ReproInputError(f"{sla_file}: missing; {model_dir} is not an {stage} model")
+    try:
+        sla = json.loads(sla_file.read_text())
+        sla["settings"] = {key: sla["settings"][key] for key in SETTING_KEYS}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ReproInputError(f"{sla_file}: not an SLA settings file ({err})") from err
+    return sla
+
+
+def install_saved_sla(model, sla: dict, weights_dir: str | os.PathLike) -> None:
+    """Install sla.json's settings in `model` and load Proj from `weights_dir` (a variant
+    without a linear branch has no Proj to load)."""
+    from repro.sla.processor import install_sla, load_sla_weights, sla_state_keys
+
+    install_sla(model, **sla["settings"])
+    if sla_state_keys(model):
+        load_sla_weights(model, weights_dir)
 
 
 def save_finetuned(t2v, out_dir: str | os.PathLike, sla: dict) -> None:
@@ -102,37 +126,20 @@ def save_finetuned(t2v, out_dir: str | os.PathLike, sla: dict) -> None:
     from repro.core.modelio import save_model
     from repro.foundation.t2v import KIND
 
-    save_model(SLATextToVideo(t2v, sla), out_dir, KIND)
+    save_model(WithSLA(t2v, sla), out_dir, KIND)
 
 
 def load_finetuned(model_dir: str | os.PathLike):
     """(t2v with SLA installed and its Proj weights loaded, sla.json's dict)."""
     from repro.foundation.t2v import load_t2v
-    from repro.sla.processor import install_sla, load_sla_weights
 
     model_dir = Path(model_dir)
-    sla_file = model_dir / SLA_FILE
-    if not sla_file.is_file():
-        raise ReproInputError(f"{sla_file}: missing; {model_dir} is not an sla_finetune model")
-    try:
-        sla = json.loads(sla_file.read_text())
-        settings = {key: sla["settings"][key] for key in SETTING_KEYS}
-    except (ValueError, KeyError, TypeError) as err:
-        raise ReproInputError(f"{sla_file}: not an SLA settings file ({err})") from err
+    sla = read_sla_file(model_dir, "sla_finetune")
     t2v = load_t2v(
         {"name": "t2v", "pretrained": str(model_dir), "subfolder": None, "local_files_only": True}
     )
-    install_sla(t2v.transformer, **settings)
-    if any(True for _ in _sla_parameters(t2v.transformer)):
-        load_sla_weights(t2v.transformer, model_dir / "transformer")
+    install_saved_sla(t2v.transformer, sla, model_dir / "transformer")
     return t2v, sla
-
-
-def _sla_parameters(transformer):
-    from repro.sla.processor import sla_modules
-
-    for module in sla_modules(transformer).values():
-        yield from module.parameters()
 
 
 def clips_of(faces):

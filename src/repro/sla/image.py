@@ -30,12 +30,10 @@ diffusers class of AGD's base) on glyph digits drawn at 16 x 16 with 1 x 1 patch
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -44,7 +42,6 @@ from repro.core.errors import ReproInputError
 
 log = logging.getLogger("repro")
 
-SLA_FILE = "sla.json"
 IMAGE_COLUMNS = [
     "variant",
     "attention",
@@ -62,31 +59,14 @@ IMAGE_COLUMNS = [
 ]
 
 
-class _DiTWithSLA:
-    """A DiT with SLA installed, as one thing to save: the DiT's directory (Proj rides in
-    its safetensors) plus sla.json."""
-
-    def __init__(self, model, sla: dict) -> None:
-        self.model, self.sla = model, sla
-
-    def save_pretrained(self, out_dir, safe_serialization: bool = True) -> None:
-        self.model.save_pretrained(out_dir, safe_serialization=safe_serialization)
-        (Path(out_dir) / SLA_FILE).write_text(json.dumps(self.sla, indent=2, sort_keys=True))
-
-
 def load_finetuned_dit(model_dir: str | os.PathLike):
     """(DiT with SLA installed and its Proj weights loaded, sla.json's dict)."""
     from repro.core.modelio import load_dit
-    from repro.sla.processor import install_sla, load_sla_weights, sla_state_keys
+    from repro.sla.finetune import install_saved_sla, read_sla_file
 
-    model_dir = Path(model_dir)
-    if not (model_dir / SLA_FILE).is_file():
-        raise ReproInputError(f"{model_dir / SLA_FILE}: missing; not an sla_image_finetune model")
-    sla = json.loads((model_dir / SLA_FILE).read_text())
+    sla = read_sla_file(model_dir, "sla_image_finetune")
     model = load_dit(model_dir)
-    install_sla(model, **sla["settings"])
-    if sla_state_keys(model):
-        load_sla_weights(model, model_dir)
+    install_saved_sla(model, sla, model_dir)
     return model.eval(), sla
 
 
@@ -137,7 +117,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> None:
     from repro.core.diffusion import train_denoiser
     from repro.core.modelio import DIT_KIND, load_dit, save_model
     from repro.core.stage import Stage
-    from repro.sla.finetune import check_blocks
+    from repro.sla.finetune import WithSLA, check_blocks
     from repro.sla.processor import install_sla
 
     stage = Stage(__doc__, paper="sla", out="the fine-tuned DiT", metrics=True, checkpoint_dir=True)
@@ -167,7 +147,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> None:
     )
     sla = {"name": name, "seed": int(params["seed"]), "settings": settings, **blocks}
     if stage.is_main:
-        save_model(_DiTWithSLA(model.cpu(), sla), args.out, DIT_KIND)
+        save_model(WithSLA(model.cpu(), sla), args.out, DIT_KIND)
     stage.finish(
         stage.summary(
             summary, variant=name, seed=int(params["seed"]),

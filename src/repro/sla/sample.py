@@ -44,7 +44,7 @@ def split_loss(t2v, video, captions, objective: dict, seed: int, batch_size: int
     """Mean flow-matching loss over a split, noise from Generator(seed) batch by batch."""
     from repro.foundation.t2v import flow_matching_loss
 
-    timesteps = {k: v for k, v in objective.get("timesteps", {}).items()}
+    timesteps = dict(objective.get("timesteps", {}))
     gen = torch.Generator().manual_seed(int(seed))
     total = 0.0
     for start in range(0, len(video), batch_size):
