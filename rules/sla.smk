@@ -126,7 +126,7 @@ rule sla_sample:
         runtime=30,
         gpu=gpus(),
     params:
-        cfg=lambda wildcards: sla_sample_params(wildcards.sla_variant),
+        cfg=sla_sample_params(),
     shell:
         stage(
             "repro.sla.sample",

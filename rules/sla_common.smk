@@ -8,7 +8,6 @@ from repro.sla.workflow import (
     faces_params,
     glyph_params as sla_glyph_params_of,
     install_kwargs,
-    nominal_sparsity,
     quality_variants,
 )
 
@@ -59,14 +58,12 @@ def sla_finetune_params(variant, seed):
     )
 
 
-def sla_sample_params(variant):
-    v = SLA_VARIANTS[variant]
+def sla_sample_params():
     return json.dumps(
         {
             "sample": SLA_QUALITY["sample"],
             "timing": SLA_QUALITY["timing"],
             "objective": sla_objective(),
-            "variant": {"sparsity": nominal_sparsity(v["attention"], v["k_h"])},
         },
         sort_keys=True,
     )

@@ -212,7 +212,6 @@ def test_finetune_sample_judge_and_table_through_their_clis(work, tmp_path):
         "sample": {"clips": 2, "steps": 2, "guidance": 3.0, "batch_size": 2, "seed": 7},
         "timing": {"batch": 1, "repeats": 2, "warmup": 0},
         "objective": OBJECTIVE,
-        "variant": {"sparsity": 0.75},
     }
     sample_args = ["--model", str(out / "model"), "--finetune-metrics", str(out / "metrics.json"),
                    "--faces-val", str(work / "val.safetensors"),
@@ -307,7 +306,6 @@ def test_more_sample_clips_than_test_clips_is_refused(work, tmp_path):
         "sample": {"clips": 99, "steps": 1, "guidance": 1.0, "batch_size": 2, "seed": 0},
         "timing": {"batch": 1, "repeats": 1, "warmup": 0},
         "objective": OBJECTIVE,
-        "variant": {"sparsity": 0.75},
     }
     with pytest.raises(ReproInputError, match="sla.quality.sample.clips: 99"):
         sample.main(["--model", str(out / "model"), "--finetune-metrics", str(out / "metrics.json"),

@@ -20,7 +20,7 @@ For the model of one (variant, seed) this stage measures:
         --finetune-metrics results/sla/finetune/sla_s0.json \
         --faces-val data/sla/faces/val.safetensors --faces-test data/sla/faces/test.safetensors \
         --out results/sla/samples/sla_s0.safetensors --row results/sla/rows/sla_s0.json \
-        --params '{"sample": {...}, "timing": {...}, "objective": {...}, "variant": {...}}'
+        --params '{"sample": {...}, "timing": {...}, "objective": {...}}'
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main(argv=None) -> None:
     from repro.kernels.attention_flops import AttentionFlopsCounter
     from repro.sla.finetune import load_finetuned, sequence_length
     from repro.sla.processor import sla_modules
+    from repro.sla.workflow import nominal_sparsity
 
     stage = Stage(__doc__, paper="sla", out="the samples (safetensors)")
     stage.parser.add_argument("--model", required=True, help="an sla_finetune model directory")
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     stage.parser.add_argument("--row", required=True, help="the JSON row this writes")
     args = stage.start(argv)
     params = stage.params
-    for key in ("sample", "timing", "objective", "variant"):
+    for key in ("sample", "timing", "objective"):
         if key not in params:
             raise ReproInputError(f"sla_sample: --params lacks {key!r}")
     sample, timing = params["sample"], params["timing"]
@@ -153,7 +154,6 @@ def main(argv=None) -> None:
     shape = (int(timing["batch"]), heads, seq_len, module.head_dim)
     attention_ms = time_attention(module, shape, timing)
 
-    variant = params["variant"]
     settings = sla["settings"]
     row = {
         "variant": sla["name"],
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
         "k_h": float(settings["k_h"]),
         "k_l": float(settings["k_l"]),
         "phi": settings["phi"] if settings["variant"] != "full" else "none",
-        "sparsity": float(variant["sparsity"]),
+        "sparsity": nominal_sparsity(settings["variant"], settings["k_h"]),
         "seed": int(sla["seed"]),
         "steps": int(trained["steps"]),
         "final_train_loss": float(trained["final_loss"]),

@@ -30,6 +30,7 @@ import pandas as pd
 
 from repro.core.errors import ReproInputError
 from repro.core.results import read_table, write_table
+from repro.sla.workflow import nominal_sparsity as workflow_nominal_sparsity
 
 ATTENTION_KINDS = ("full", "paper", "main", "sparse_only", "linear_only", "real")
 PHIS = ("softmax", "elu", "relu", "none")
@@ -130,16 +131,11 @@ def _known(value, allowed: tuple[str, ...], where: str, key: str) -> str:
 
 
 def nominal_sparsity(attention: str, k_h: float) -> float:
-    """The block sparsity the paper names for an attention kind: 1 - k_h where a sparse
-    branch computes the critical blocks, 0 for full attention, 1 for linear attention
-    alone, NaN for the real clips."""
+    """The block sparsity the paper names for an attention kind
+    (repro.sla.workflow.nominal_sparsity), NaN for the real clips."""
     if attention == REAL:
         return math.nan
-    if attention == "full":
-        return 0.0
-    if attention == "linear_only":
-        return 1.0
-    return 1.0 - k_h
+    return workflow_nominal_sparsity(attention, k_h)
 
 
 def check_row(row: dict) -> dict:
