@@ -53,7 +53,7 @@ prune = [ ! -d $(1) ] || find $(1) -mindepth 1 -maxdepth 1 $(foreach n,$(2),! -n
 # conda envs and container images (.snakemake/conda, .snakemake/singularity; see
 # `snakemake --conda-cleanup-envs`) and the tracked results/README.md.
 clean:
-	rm -rf data checkpoints logs benchmarks/rules mlflow.db mlflow.db.lock mlartifacts
+	rm -rf data checkpoints logs benchmarks/rules mlflow.db mlflow.db.lock mlartifacts .mlflow-spool
 	$(call prune,results,README.md)
 	$(call prune,.snakemake,conda singularity)
 	$(call prune,models,hub)

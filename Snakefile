@@ -36,6 +36,15 @@ include: "rules/sla.smk"
 include: "rules/report.smk"
 
 
+# The jobs' MLflow runs, spooled (rules/common.smk), logged once the DAG ends either way.
+onsuccess:
+    flush_mlflow_spool()
+
+
+onerror:
+    flush_mlflow_spool()
+
+
 # Every registered paper's final files (repro.core.papers) and the merged claims.
 rule all:
     default_target: True

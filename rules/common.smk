@@ -44,6 +44,27 @@ PYTHON = (
     else shlex.quote(sys.executable)
 )
 
+# Jobs spool their MLflow runs (repro.core.tracking) instead of logging them: a job
+# then never imports mlflow and its SQL store (~2 s of CPU, ~300 jobs in the tiny
+# DAG). The Snakefile's onsuccess / onerror log every spooled run in this process.
+# A spool the user exported wins; REPRO_MLFLOW=0 still turns logging off.
+MLFLOW_SPOOL = os.environ.setdefault(
+    "REPRO_MLFLOW_SPOOL", os.path.abspath(".mlflow-spool")
+)
+
+
+def flush_mlflow_spool():
+    """Log the runs the jobs spooled; on failure they stay in the spool for next time."""
+    from repro.core.tracking import flush_spool
+
+    try:
+        flush_spool(MLFLOW_SPOOL)
+    except Exception as err:  # the jobs' outputs stand; only their MLflow runs wait
+        print(
+            f"mlflow: spooled runs not logged, kept in {MLFLOW_SPOOL}: {err}",
+            file=sys.stderr,
+        )
+
 
 def _literal(text):
     """`text` inside a shell template that Snakemake formats: braces kept as they are."""

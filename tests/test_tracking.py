@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import shutil
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from repro.core.errors import ReproInputError
-from repro.core.tracking import MAX_PARAM_VALUE_LENGTH, flatten_params, git_commit, log_run
+from repro.core.tracking import (
+    MAX_PARAM_VALUE_LENGTH,
+    SPOOL_ENV,
+    flatten_params,
+    flush_spool,
+    git_commit,
+    log_run,
+)
+from repro.core.tracking import main as tracking_main
 
 
 def test_flatten_params_dotted_stringified_and_truncated():
@@ -45,6 +58,7 @@ def _writer(i: int, workdir: str, barrier, queue) -> None:
     os.chdir(workdir)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("REPRO_MLFLOW", None)
+    os.environ.pop(SPOOL_ENV, None)
     art = Path(f"artifact_{i}.txt")
     art.write_text(f"rule {i}\n")
     barrier.wait()  # all six hit the fresh store at the same moment
@@ -111,3 +125,154 @@ def test_six_concurrent_processes_share_one_sqlite_store(tmp_path):
         assert exp.artifact_location == (tmp_path / "mlartifacts" / exp.name).as_uri()
     assert not (tmp_path / "mlruns").exists()
     assert elapsed < 60
+
+
+# ---- the spool: jobs write their runs to files, one process logs them all ----
+
+
+def _spool_env(monkeypatch, tmp_path) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("REPRO_MLFLOW", raising=False)
+    spool = tmp_path / "spool"
+    monkeypatch.setenv(SPOOL_ENV, str(spool))
+    return spool
+
+
+def _runs(tmp_path: Path) -> list[tuple]:
+    """(rule, status, run_id) of every run in the store under tmp_path, by rule."""
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    try:
+        rows = db.execute(
+            "SELECT t.value, r.status, r.run_uuid FROM runs r JOIN tags t "
+            "ON t.run_uuid = r.run_uuid WHERE t.key = 'rule' AND r.lifecycle_stage = 'active'"
+        ).fetchall()
+    finally:
+        db.close()
+    return sorted(rows)
+
+
+def test_spooled_run_is_one_atomic_directory_and_no_store(tmp_path, monkeypatch):
+    spool = _spool_env(monkeypatch, tmp_path)
+    art = tmp_path / "table.csv"
+    art.write_text("a,b\n1,2\n")
+    key = log_run(
+        paper="p", rule="r", scale="tiny", params={"m": {"w": 3}}, metrics={"x": 2}, artifacts=[art]
+    )
+    assert [p.name for p in spool.iterdir()] == [key]  # no staging directory left behind
+    record = json.loads((spool / key / "run.json").read_text())
+    assert record["params"] == {"m.w": "3"}
+    assert record["metrics"] == {"x": 2.0}
+    assert record["tags"]["rule"] == "r" and record["artifacts"] == ["table.csv"]
+    assert (spool / key / "artifacts" / "table.csv").read_text() == "a,b\n1,2\n"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_job_that_spools_never_imports_mlflow(tmp_path):
+    code = (
+        "import sys\n"
+        "from repro.core.tracking import log_run\n"
+        "log_run(paper='p', rule='r', scale='tiny', params={}, metrics={'x': 1})\n"
+        "print('mlflow' in sys.modules)\n"
+    )
+    env = {**os.environ, SPOOL_ENV: str(tmp_path / "spool")}
+    env.pop("REPRO_MLFLOW", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert len(list((tmp_path / "spool").iterdir())) == 1
+
+
+def test_flush_logs_every_spooled_run_with_what_the_job_made(tmp_path, monkeypatch):
+    spool = _spool_env(monkeypatch, tmp_path)
+    art = tmp_path / "table.csv"
+    art.write_text("first\n")
+    log_run(
+        paper="p", rule="r1", scale="tiny", params={"s": 1}, metrics={"x": 1.5}, artifacts=[art]
+    )
+    # The output is rewritten atomically (a new file renamed over it) after the job spooled.
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("second\n")
+    os.replace(fresh, art)
+    log_run(paper="q", rule="r2", scale="smoke", params={}, metrics={"y": -1}, tags={"k": 7})
+
+    assert flush_spool(spool) == 2
+    assert list(spool.iterdir()) == []
+    assert [(rule, status) for rule, status, _ in _runs(tmp_path)] == [
+        ("r1", "FINISHED"),
+        ("r2", "FINISHED"),
+    ]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_ids = {rule: run_id for rule, _, run_id in _runs(tmp_path)}
+    first, second = client.get_run(run_ids["r1"]), client.get_run(run_ids["r2"])
+    assert first.data.params == {"s": "1"} and first.data.metrics == {"x": 1.5}
+    assert second.data.metrics == {"y": -1.0} and second.data.tags["k"] == "7"
+    assert second.data.tags["scale"] == "smoke" and second.data.tags["paper"] == "q"
+    logged = tmp_path / "mlartifacts" / "p" / run_ids["r1"] / "artifacts" / "table.csv"
+    assert logged.read_text() == "first\n"  # what the job made, not the later rewrite
+    assert flush_spool(spool) == 0  # nothing twice
+
+
+def test_flush_after_a_killed_flush_logs_each_run_once(tmp_path, monkeypatch):
+    spool = _spool_env(monkeypatch, tmp_path)
+    key = log_run(paper="p", rule="done", scale="tiny", params={}, metrics={"x": 1})
+    log_run(paper="p", rule="half", scale="tiny", params={}, metrics={"x": 2})
+    saved = tmp_path / "saved"
+    shutil.copytree(spool / key, saved)
+    assert flush_spool(spool) == 2
+    # A flush killed after logging "done" but before removing its record ...
+    shutil.copytree(saved, spool / key)
+    # ... and one killed while logging "half": its run exists, still RUNNING.
+    half = log_run(paper="p", rule="half", scale="tiny", params={}, metrics={"x": 3})
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("p").experiment_id
+    client.create_run(experiment, run_name="half", tags={"rule": "half", "spool_key": half})
+
+    assert flush_spool(spool) == 2
+    rows = _runs(tmp_path)
+    assert [(rule, status) for rule, status, _ in rows] == [
+        ("done", "FINISHED"),
+        ("half", "FINISHED"),
+        ("half", "FINISHED"),
+    ]
+    metrics = sorted(
+        client.get_run(run_id).data.metrics["x"] for r, _, run_id in rows if r == "half"
+    )
+    assert metrics == [2.0, 3.0]
+
+
+def test_flush_keeps_an_unreadable_record_and_names_it(tmp_path, monkeypatch):
+    spool = _spool_env(monkeypatch, tmp_path)
+    log_run(paper="p", rule="good", scale="tiny", params={}, metrics={})
+    broken = spool / "0000000000000-broken"
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    with pytest.raises(ReproInputError, match="0000000000000-broken/run.json"):
+        flush_spool(spool)
+    assert [rule for rule, _, _ in _runs(tmp_path)] == ["good"]  # the good one still logged
+    assert [p.name for p in spool.iterdir()] == ["0000000000000-broken"]
+
+
+def test_flush_of_an_empty_spool_imports_nothing(tmp_path):
+    code = (
+        "import sys\n"
+        "from repro.core.tracking import flush_spool\n"
+        f"print(flush_spool({str(tmp_path / 'none')!r}), 'mlflow' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "False"]
+
+
+def test_flush_command_line(tmp_path, monkeypatch, capsys):
+    spool = _spool_env(monkeypatch, tmp_path)
+    log_run(paper="p", rule="r", scale="tiny", params={}, metrics={"x": 1})
+    tracking_main(["flush", "--spool", str(spool)])
+    assert "logged 1 spooled runs" in capsys.readouterr().out
+    assert [rule for rule, _, _ in _runs(tmp_path)] == ["r"]
