@@ -66,6 +66,7 @@ def _stand_in(name: str, init: Path) -> types.ModuleType:
     module.__file__ = str(init)
     module.__path__ = [str(init.parent)]
     module.__package__ = name
+    module.__lazy_stand_in__ = True  # imports nothing until used (tests tell it apart)
     where = submodules_by_name(init)
 
     def __getattr__(attr: str):
