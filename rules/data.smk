@@ -131,7 +131,10 @@ rule digit_classifier:
 
 rule faces:
     # Talking faces (repro.foundation.faces): identity-disjoint train / val / test clips
-    # with audio, reference portraits, face masks and captions (HuMo, SLA quality).
+    # with audio, reference portraits, face masks and captions (HuMo, SLA quality):
+    # drawn, or with data.faces.root read from that tree of real clips
+    # (repro.foundation.faces_reader). Like rule imagefolder, the tree is no input: a new
+    # root (a params change) re-runs the rule, edits inside the tree do not (--forcerun faces).
     output:
         train="data/faces/train.safetensors",
         val="data/faces/val.safetensors",
@@ -145,10 +148,19 @@ rule faces:
         "../envs/foundation.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        # Reading real clips holds a whole split at the config's size (rule imagefolder's).
+        mem_mb=16000 if config["data"]["faces"].get("root") else 2000,
+        runtime=120 if config["data"]["faces"].get("root") else 10,
     params:
-        cfg=section("data", "faces"),
+        # A null root is left out: the params, and so the data, of a config without the key.
+        cfg=json.dumps(
+            {
+                key: value
+                for key, value in config["data"]["faces"].items()
+                if key != "root" or value is not None
+            },
+            sort_keys=True,
+        ),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),
     shell:
         stage("repro.foundation.faces", "--out-dir {params.out_dir:q}", rule="faces")

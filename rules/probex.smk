@@ -6,6 +6,8 @@
 # test models scored once -> the layer study; a LoRA zoo of the tiny text-to-image
 # model -> probes aligned to the tiny CLIP's text embeddings, scored on classes never
 # seen in training (zero-shot) -> tables, figures, claims.
+# A tree may instead read existing models (probex.trees[i].zoo_dir: a Model-J-style
+# directory): rule probex_zoo_import writes its zoo, and the rest runs unchanged.
 # Registered in repro.probex.workflow; config section `probex`, schema
 # schemas/probex.schema.yaml.
 
@@ -29,6 +31,8 @@ rule probex_base:
         "logs/foundation/backbones/{tree}.log",
     benchmark:
         "benchmarks/rules/foundation/backbone_{tree}.tsv"
+    wildcard_constraints:
+        tree=PROBEX_GENERATED_PATTERN,
     conda:
         "../envs/probex.yaml"
     threads: THREADS
@@ -72,6 +76,8 @@ rule probex_zoo:
         "logs/probex/zoo/{tree}.log",
     benchmark:
         "benchmarks/rules/probex/zoo_{tree}.tsv"
+    wildcard_constraints:
+        tree=PROBEX_GENERATED_PATTERN,
     conda:
         "../envs/probex.yaml"
     threads: THREADS
@@ -91,6 +97,36 @@ rule probex_zoo:
             " --out {output.zoo:q} --metrics {output.metrics:q}"
             " --checkpoint-dir {params.checkpoints:q}",
             rule="probex_zoo",
+        )
+
+
+# An imported tree's zoo: a manifest naming the models of its zoo_dir where they are.
+rule probex_zoo_import:
+    input:
+        unpack(probex_import_input),
+    output:
+        zoo=directory("data/probex/zoo/{tree}"),
+        metrics="results/probex/zoo/{tree}.json",
+    log:
+        "logs/probex/zoo/{tree}.log",
+    benchmark:
+        "benchmarks/rules/probex/zoo_{tree}.tsv"
+    wildcard_constraints:
+        tree=PROBEX_IMPORTED_PATTERN,
+    conda:
+        "../envs/probex.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        cfg=lambda wildcards: probex_import_params(wildcards.tree),
+        files=probex_import_args,
+    shell:
+        stage(
+            "repro.probex.import_zoo",
+            "{params.files} --out {output.zoo:q} --metrics {output.metrics:q}",
+            rule="probex_zoo_import",
         )
 
 

@@ -60,8 +60,9 @@ rule sla_faces:
         "../envs/foundation.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        # Reading real clips (data.faces.root) holds a whole split (rule faces' values).
+        mem_mb=16000 if config["data"]["faces"].get("root") else 2000,
+        runtime=120 if config["data"]["faces"].get("root") else 10,
     params:
         cfg=lambda wildcards: sla_faces_params(),
         out_dir=lambda wildcards, output: os.path.dirname(output.manifest),

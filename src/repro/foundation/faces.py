@@ -36,7 +36,10 @@ The pipeline writes the three splits (rule faces):
         "identities": {"train": 48, "val": 8, "test": 16},
         "clips_per_identity": {"train": 24, "val": 6, "test": 6}}'
 
-and every later stage reads a split with `load_faces`.
+and every later stage reads a split with `load_faces`. With `"root": "<dir>"` in the params
+(config data.faces.root, paper scale) the same stage reads real talking-head clips from that
+directory instead (repro.foundation.faces_reader, which documents the layout) and writes the
+same three files.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ log = logging.getLogger(__name__)
 
 KIND = "talking_faces"
 SPLITS = ("train", "val", "test")
-# The stage's params, every one required (the config passes them all).
+# The stage's params, every one required to generate (the config passes them all), plus
+# the optional `root`: a directory of real clips to read instead (repro.foundation.
+# faces_reader), which needs only READ_PARAMS (the others are then not used).
 PARAMS = ("seed", "frames", "size", "fps", "sample_rate", "identities", "clips_per_identity")
+READ_PARAMS = ("root", "frames", "size", "fps", "sample_rate")
 
 MOTIONS = ("still", "nod", "shake", "sway")
 BACKGROUNDS = ("green wall", "blue wall", "purple wall", "striped wall")
@@ -670,8 +676,10 @@ def write_faces(path: str | os.PathLike, faces: Faces) -> dict:
         "identities": [int(ids.min()), int(ids.max()) + 1] if len(ids) else [0, 0],
         "video_shape": list(faces.video.shape[1:]),
         "audio_samples": int(faces.audio.shape[1]),
-        "motion_counts": torch.bincount(faces.motion, minlength=len(MOTIONS)).tolist(),
-        "background_counts": torch.bincount(faces.background, minlength=len(BACKGROUNDS)).tolist(),
+        "motion_counts": torch.bincount(faces.motion, minlength=len(faces.motions)).tolist(),
+        "background_counts": torch.bincount(
+            faces.background, minlength=len(faces.backgrounds)
+        ).tolist(),
     }
 
 
@@ -752,13 +760,27 @@ def split_identities(identities: Mapping[str, int]) -> dict[str, range]:
 
 
 def check_params(params: Mapping) -> None:
-    """The stage's params: exactly PARAMS, each per split where it must be."""
+    """The stage's params: PARAMS (and `root` null or absent) to generate, each per split
+    where it must be; with `root` a path, READ_PARAMS (the generator's keys may be present
+    and are not used)."""
+    allowed = [*PARAMS, "root"]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ReproInputError(f"params: unknown keys {unknown}, allowed {allowed}")
+    root = params.get("root")
+    if root is not None:
+        if not isinstance(root, str) or not root:
+            raise ReproInputError(
+                f"params.root: must be null (generate) or a directory of clips, got {root!r}"
+            )
+        missing = [k for k in READ_PARAMS if k not in params]
+        if missing:
+            raise ReproInputError(f"params: missing keys {missing} (got {sorted(params)})")
+        _check_generation(params["frames"], params["size"], params["fps"], params["sample_rate"])
+        return
     missing = [k for k in PARAMS if k not in params]
     if missing:
         raise ReproInputError(f"params: missing keys {missing} (got {sorted(params)})")
-    unknown = sorted(set(params) - set(PARAMS))
-    if unknown:
-        raise ReproInputError(f"params: unknown keys {unknown}, allowed {list(PARAMS)}")
     for key in ("identities", "clips_per_identity"):
         value = params[key]
         if not isinstance(value, Mapping) or set(value) != set(SPLITS):
@@ -771,8 +793,13 @@ def check_params(params: Mapping) -> None:
 
 
 def write_splits(out_dir: str | os.PathLike, params: Mapping) -> dict:
-    """Generate and write the three splits and manifest.json into `out_dir`."""
+    """Generate and write the three splits and manifest.json into `out_dir`; with
+    params.root set, read them from that clip tree instead (repro.foundation.faces_reader)."""
     check_params(params)
+    if params.get("root") is not None:
+        from repro.foundation.faces_reader import write_clip_splits
+
+        return write_clip_splits(out_dir, params)
     out_dir = Path(out_dir)
     ranges = split_identities(params["identities"])
     manifest = {"kind": KIND, "params": dict(params), "splits": {}}
@@ -1068,7 +1095,8 @@ def main(argv: list[str] | None = None) -> None:
     from repro.core.stage import Stage
 
     stage = Stage(
-        "Write the talking-faces splits (train / val / test, disjoint identities).",
+        "Write the talking-faces splits (train / val / test, disjoint identities): drawn, or "
+        "read from the clip tree params.root.",
         paper="foundation",
     )
     stage.parser.prog = "repro.foundation.faces"

@@ -5,11 +5,18 @@ Rules: rules/probex.smk. Config: the `probex` section, schema
 schemas/probex.schema.yaml. The zoo's base models are built by
 repro.foundation.backbones (the foundation room); the zoo, the probes and the
 tables are repro.probex's.
+
+A tree of probex.trees is either GENERATED (its base pre-trained by rule probex_base,
+its zoo fine-tuned by rule probex_zoo, on the digits: probex.classnames) or IMPORTED:
+it names `zoo_dir`, an existing directory of safetensors models (Model-J's), and
+optionally `base` (its base model's file), `splits` (a JSON of fixed splits) and
+`classnames` (its classes; default probex.classnames); rule probex_zoo_import reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from repro.core.papers import PaperSpec
 
@@ -39,6 +46,69 @@ def tree_names(px: Mapping) -> list[str]:
     return [tree["name"] for tree in px["trees"]]
 
 
+# The keys only an imported tree may carry (a generated tree's base and splits are the
+# pipeline's own, its classes the digits').
+IMPORT_KEYS = ("zoo_dir", "base", "splits", "classnames")
+
+
+def is_imported(tree: Mapping) -> bool:
+    """Whether a probex.trees entry reads existing models (zoo_dir) rather than growing them."""
+    return "zoo_dir" in tree
+
+
+def imported_trees(px: Mapping) -> list[str]:
+    return [tree["name"] for tree in px["trees"] if is_imported(tree)]
+
+
+def generated_trees(px: Mapping) -> list[str]:
+    return [tree["name"] for tree in px["trees"] if not is_imported(tree)]
+
+
+def model_files(zoo_dir: str | Path) -> list[Path]:
+    """The models of an imported tree: every *.safetensors file directly under zoo_dir,
+    sorted by name (rule probex_zoo_import's inputs; repro.probex.zoo reads the same)."""
+    return sorted(p for p in Path(zoo_dir).glob("*.safetensors") if p.is_file())
+
+
+def tree_classnames(px: Mapping, tree: Mapping) -> list[str]:
+    """A tree's class names: its own (an imported tree's `classnames`) or probex.classnames."""
+    return list(tree.get("classnames", px["classnames"]))
+
+
+def tree_checks(px: Mapping) -> list[str]:
+    """The trees' own keys: import keys only with zoo_dir, existing files, one class list."""
+    errors = []
+    for index, tree in enumerate(px["trees"]):
+        where = f"probex.trees[{index}]"
+        if not is_imported(tree):
+            for key in IMPORT_KEYS[1:]:
+                if key in tree:
+                    errors.append(
+                        f"{where}.{key}: only an imported tree (one with zoo_dir) takes "
+                        f"{key}; tree {tree['name']!r} is grown by the pipeline (rules "
+                        "probex_base, probex_zoo) on probex.classnames"
+                    )
+            continue
+        directory = Path(tree["zoo_dir"])
+        if not directory.is_dir():
+            errors.append(f"{where}.zoo_dir: {directory} is not a directory")
+        elif not model_files(directory):
+            errors.append(f"{where}.zoo_dir: {directory} holds no .safetensors model files")
+        for key in ("base", "splits"):
+            if key in tree and not Path(tree[key]).is_file():
+                errors.append(f"{where}.{key}: {tree[key]} is not a file")
+    lists = [tree_classnames(px, tree) for tree in px["trees"]]
+    for index, names in enumerate(lists[1:], start=1):
+        if names != lists[0]:
+            own = "classnames" if "classnames" in px["trees"][index] else "probex.classnames"
+            errors.append(
+                f"probex.trees[{index}].classnames: its classes ({own}, {len(names)}) differ "
+                f"from probex.trees[0]'s ({len(lists[0])}); the probes compare trees (one "
+                "ProbeX across trees, the router) on one class list"
+            )
+    return errors
+
+
 def checks(cfg: Mapping) -> list[str]:
     """Checks between values of the probex section; assumes the schema passed."""
     px = cfg["probex"]
@@ -46,6 +116,7 @@ def checks(cfg: Mapping) -> list[str]:
     names = tree_names(px)
     if len(set(names)) != len(names):
         errors.append(f"probex.trees: tree names repeat ({names})")
+    errors += tree_checks(px)
     if len(px["classnames"]) != px["num_classes"]:
         errors.append(
             f"probex.classnames: {len(px['classnames'])} names for probex.num_classes "

@@ -20,13 +20,17 @@ A layer is named by its module (`blocks.1.attn.proj`); its tensor in a model fil
 out x in*kh*kw, `repro.foundation.backbones.layer_matrix`).
 
 At paper scale the models come from elsewhere (Model-J: a directory of safetensors
-files whose metadata carry `dataset_chosen_targets`): `zoo_from_safetensors_dir`
-writes a manifest for such a directory and the same loaders read it.
+files whose metadata carry `dataset_chosen_targets`): `scan_safetensors_dir` reads such
+a directory (labels, fixed or drawn splits, layers, every file checked) and
+`zoo_from_safetensors_dir` writes a manifest for it that the same loaders read; the
+stage repro.probex.import_zoo (rule probex_zoo_import) writes that manifest where a
+generated zoo's would be, naming the external files where they are.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from torch import Tensor
 from repro.core.errors import ReproInputError
 from repro.core.io import load_tensors, read_json, read_metadata, save_tensors, write_json
 from repro.foundation.backbones import eligible_layers, layer_matrix
+from repro.probex.workflow import model_files
 
 MANIFEST_KIND = "probex_zoo"
 MODEL_KIND = "probex_zoo_model"
@@ -96,11 +101,15 @@ def write_manifest(
     layers: Mapping[str, tuple[int, int]],
     models: list[dict],
     model_kind: str | None = MODEL_KIND,
+    keep_absolute: bool = False,
+    **extra,
 ) -> dict:
     """Write the manifest (atomically: write it after every model file). Returns it.
 
-    Each of `models` needs "file" (relative to the manifest's directory), "labels" and
-    "split"; any other keys (lr, epochs, schedule, val_accuracy, ...) are kept.
+    Each of `models` needs "file" (relative to the manifest's directory, or absolute),
+    "labels" and "split"; any other keys (lr, epochs, schedule, val_accuracy, ...) are
+    kept. `base` is named relative to the manifest's directory (as given if absolute,
+    with `keep_absolute`: see `file_reference`); `extra` top-level keys are kept.
     """
     for model in models:
         missing = [k for k in ("file", "labels", "split") if k not in model]
@@ -111,13 +120,17 @@ def write_manifest(
         "tree": tree,
         "arch": arch,
         # Relative to the manifest's directory, as the model files: a moved zoo still finds it.
-        "base": None if base is None else os.path.relpath(base, Path(path).parent),
+        "base": None if base is None else file_reference(base, Path(path).parent, keep_absolute),
         "classnames": list(classnames),
         "num_classes": len(classnames),
         "layers": {name: [int(o), int(i)] for name, (o, i) in sorted(layers.items())},
         "model_kind": model_kind,
         "models": models,
     }
+    clash = sorted(set(extra) & set(manifest))
+    if clash:
+        raise ValueError(f"write_manifest: extra keys {clash} are the manifest's own")
+    manifest.update(extra)
     write_json(path, manifest)
     return manifest
 
@@ -141,6 +154,130 @@ def assign_splits(
     return splits
 
 
+def file_reference(
+    path: str | os.PathLike, manifest_dir: str | os.PathLike, keep_absolute: bool = False
+) -> str:
+    """How a manifest in `manifest_dir` names `path`: relative to the manifest's directory
+    (a zoo moved with its files still finds them), or, with `keep_absolute`, as given
+    when `path` is absolute and outside that directory (an external data set stays
+    where it is when the workflow's directory moves)."""
+    path = Path(path)
+    if (
+        keep_absolute
+        and path.is_absolute()
+        and not path.resolve().is_relative_to(Path(manifest_dir).resolve())
+    ):
+        return str(path)
+    return os.path.relpath(path, manifest_dir)
+
+
+def read_splits_file(path: str | os.PathLike) -> dict[str, str]:
+    """Fixed model splits from a JSON file: {file name: split} or {split: [file names]}."""
+    path = Path(path)
+    raw = read_json(path)
+    if isinstance(raw, dict) and raw and all(isinstance(v, list) for v in raw.values()):
+        unknown = sorted(set(raw) - set(SPLITS))
+        if unknown:
+            raise ReproInputError(
+                f"{path}: unknown splits {unknown}; expected keys of {list(SPLITS)}"
+            )
+        splits: dict[str, str] = {}
+        for split, names in raw.items():
+            for name in names:
+                if not isinstance(name, str):
+                    raise ReproInputError(
+                        f"{path}: split {split!r} lists {name!r}, not a file name"
+                    )
+                if name in splits:
+                    raise ReproInputError(
+                        f"{path}: {name} is in split {splits[name]!r} and in {split!r}"
+                    )
+                splits[name] = split
+        return splits
+    if not isinstance(raw, dict) or not raw or not all(isinstance(v, str) for v in raw.values()):
+        raise ReproInputError(
+            f"{path}: expected a JSON object {{file name: split}} or {{split: [file names]}}"
+        )
+    return dict(raw)
+
+
+def scan_safetensors_dir(
+    directory: str | os.PathLike,
+    manifest_dir: str | os.PathLike,
+    *,
+    split: Mapping[str, float] | None = None,
+    splits: Mapping[str, str] | None = None,
+    splits_source: str = "splits",
+    seed: int = 0,
+    exclude: tuple[str, ...] = ("head", "classifier"),
+    keep_absolute: bool = False,
+) -> tuple[list[dict], dict[str, tuple[int, int]]]:
+    """The manifest entries and layers of a directory of safetensors models (Model-J's way).
+
+    Every `*.safetensors` directly under `directory` (sorted by name) is a model whose
+    metadata `dataset_chosen_targets` lists its classes (class indices). Splits:
+    `splits` {file name: split} when given (Model-J's fixed splits; `splits_source`
+    names where they came from in errors), every model named and no other file; else
+    drawn by `assign_splits` with `split` {"val": .., "test": ..} and `seed`. Layers:
+    every weight of >= 2 dims of the first file except the `exclude` modules' (the
+    classifier heads); every other file must hold them in the same shapes. Files are
+    named as `file_reference` names them from `manifest_dir`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ReproInputError(f"{directory}: not a directory (of .safetensors models)")
+    files = model_files(directory)
+    if not files:
+        raise ReproInputError(f"{directory}: no .safetensors model files")
+    entries, layers = [], None
+    for file in files:
+        meta = read_metadata(file)
+        labels = meta.get(LABELS_KEY)
+        if isinstance(labels, str):  # a JSON list inside a string, stored twice encoded
+            try:
+                labels = json.loads(labels)
+            except json.JSONDecodeError:
+                labels = None
+        if not isinstance(labels, list):
+            raise ReproInputError(f"{file}: metadata lacks a list '{LABELS_KEY}'")
+        if not labels or not all(isinstance(c, int) and not isinstance(c, bool) for c in labels):
+            raise ReproInputError(f"{file}: '{LABELS_KEY}' must list class indices, got {labels!r}")
+        shapes = _tensor_shapes(file)
+        if layers is None:
+            # Shapes only: meta tensors stand in for the first file's weights.
+            layers = eligible_layers(
+                {k: torch.empty(s, device="meta") for k, s in shapes.items()}, exclude=exclude
+            )
+            first = file
+        else:
+            _check_layers(file, shapes, layers, first)
+        entries.append(
+            {"file": file_reference(file, manifest_dir, keep_absolute), "labels": labels}
+        )
+    if splits is not None:
+        names = {file.name for file in files}
+        unknown = sorted(set(splits) - names)
+        if unknown:
+            raise ReproInputError(
+                f"{splits_source}: names {unknown}, which are not model files of {directory}"
+            )
+        for entry, file in zip(entries, files, strict=True):
+            if file.name not in splits:
+                raise ReproInputError(f"{file}: no split given for this model in {splits_source}")
+            if splits[file.name] not in SPLITS:
+                raise ReproInputError(
+                    f"{splits_source}: split {splits[file.name]!r} of {file.name} is not one "
+                    f"of {list(SPLITS)}"
+                )
+            entry["split"] = splits[file.name]
+    else:
+        split = dict(split or {"val": 0.15, "test": 0.25})
+        drawn = assign_splits(len(entries), float(split["val"]), float(split["test"]), seed)
+        for entry, value in zip(entries, drawn, strict=True):
+            entry["split"] = value
+    return entries, layers
+
+
 def zoo_from_safetensors_dir(
     directory: str | os.PathLike,
     classnames: list[str],
@@ -153,48 +290,26 @@ def zoo_from_safetensors_dir(
     splits: Mapping[str, str] | None = None,
     seed: int = 0,
     exclude: tuple[str, ...] = ("head", "classifier"),
+    keep_absolute: bool = False,
 ) -> Zoo:
     """Write a manifest for a directory of safetensors models (Model-J's way) and load it.
 
-    Every `*.safetensors` directly under `directory` (sorted by name) is a model whose
-    metadata `dataset_chosen_targets` lists its classes. Splits: `splits` {file name:
-    split} when given (Model-J's fixed splits), else drawn by `assign_splits` with
-    `split` {"val": .., "test": ..} and `seed`. Layers: every weight of >= 2 dims of
-    the first file except the `exclude` modules' (the classifier heads).
-    The manifest goes to `manifest` (default `<directory>/manifest.json`).
+    The models, splits and layers as `scan_safetensors_dir` reads them; `base` the
+    tree's base model (None: a zoo without one, which the router cannot use). The
+    manifest goes to `manifest` (default `<directory>/manifest.json`); it names the
+    files relative to its directory (absolute ones as given, with `keep_absolute`).
     """
     directory = Path(directory)
-    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
-    if not files:
-        raise ReproInputError(f"{directory}: no .safetensors model files")
     out = Path(manifest) if manifest is not None else directory / MANIFEST_NAME
-    entries = []
-    for file in files:
-        meta = read_metadata(file)
-        labels = meta.get(LABELS_KEY)
-        if isinstance(labels, str):  # a JSON list inside a string, stored twice encoded
-            try:
-                labels = json.loads(labels)
-            except json.JSONDecodeError:
-                labels = None
-        if not isinstance(labels, list):
-            raise ReproInputError(f"{file}: metadata lacks a list '{LABELS_KEY}'")
-        rel = os.path.relpath(file, out.parent)
-        entries.append({"file": rel, "labels": [int(c) for c in labels]})
-    if splits is not None:
-        for entry, file in zip(entries, files, strict=True):
-            if file.name not in splits:
-                raise ReproInputError(f"{file}: no split given for this model")
-            entry["split"] = splits[file.name]
-    else:
-        split = dict(split or {"val": 0.15, "test": 0.25})
-        drawn = assign_splits(len(entries), float(split["val"]), float(split["test"]), seed)
-        for entry, value in zip(entries, drawn, strict=True):
-            entry["split"] = value
-    # Shapes only: meta tensors stand in for the first file's weights.
-    with safe_open(str(files[0]), framework="pt") as f:
-        shapes = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
-    layers = eligible_layers(shapes, exclude=exclude)
+    entries, layers = scan_safetensors_dir(
+        directory,
+        out.parent,
+        split=split,
+        splits=splits,
+        seed=seed,
+        exclude=exclude,
+        keep_absolute=keep_absolute,
+    )
     write_manifest(
         out,
         tree=tree,
@@ -204,8 +319,37 @@ def zoo_from_safetensors_dir(
         layers=layers,
         models=entries,
         model_kind=None,
+        keep_absolute=keep_absolute,
     )
     return load_zoo(out)
+
+
+def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file's header (no tensor is read)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ReproInputError(f"{file}: truncated or corrupt safetensors file ({err})") from err
+
+
+def _check_layers(
+    file: Path, shapes: Mapping[str, tuple], layers: Mapping[str, tuple[int, int]], first: Path
+) -> None:
+    """Every layer of the zoo's first model is in `file`, in the same shape."""
+    for name, shape in layers.items():
+        key = f"{name}.weight"
+        if key not in shapes:
+            raise ReproInputError(
+                f"{file}: no tensor {key}, which {first} has (the models of one tree share "
+                "their layers)"
+            )
+        found = shapes[key]
+        if len(found) < 2 or (found[0], math.prod(found[1:])) != tuple(shape):
+            raise ReproInputError(
+                f"{file}: tensor {key} has shape {list(found)}, but {first} has it as "
+                f"{list(shape)} (the models of one tree share their layers)"
+            )
 
 
 # --------------------------------------------------------------------------- reading

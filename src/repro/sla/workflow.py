@@ -91,8 +91,13 @@ def glyph_params(config: Mapping, split: str) -> dict:
 
 
 def faces_params(config: Mapping) -> dict:
-    """SLA's talking faces: data.faces with sla.quality.faces on top."""
-    return {**config["data"]["faces"], **config["sla"]["quality"].get("faces", {})}
+    """SLA's talking faces: data.faces with sla.quality.faces on top. With data.faces.root
+    set, SLA reads the same real clips at its own size and frame count; a null root is left
+    out (the params of a config without the key: drawn, as before)."""
+    params = {**config["data"]["faces"], **config["sla"]["quality"].get("faces", {})}
+    if params.get("root", "") is None:
+        del params["root"]
+    return params
 
 
 def tokens(frames: int, size: int, patch: list[int]) -> int:
