@@ -101,6 +101,29 @@ def stage(module, args="", *, rule=None, processes=1):
     return f"{command} > {{log:q}} 2>&1"
 
 
+def each_stage(module, runs="{params.runs}"):
+    """The shell command of a rule that runs several runs of `python -m <module>` in ONE
+    process (repro.core.each: a job's start-up can cost as much as a small run). `runs`
+    is a Snakemake template of every run's arguments, each run led by `--` and built
+    by each_run. stdout and stderr go to the rule's log."""
+    return f"{_literal(PYTHON)} -m repro.core.each {module} {runs} > {{log:q}} 2>&1"
+
+
+def each_run(args, *, rule_name, cfg, threads):
+    """One run's arguments for each_stage: `args` (a dict of option -> value, or a
+    list of words), then what every stage takes (stage()'s --params, --threads,
+    --rule, --scale), every word quoted for the shell."""
+    words = []
+    if isinstance(args, dict):
+        for option, value in args.items():
+            words += [option, str(value)]
+    else:
+        words += [str(word) for word in args]
+    words += ["--params", cfg, "--threads", str(threads)]
+    words += ["--rule", rule_name, "--scale", SCALE]
+    return "-- " + " ".join(shlex.quote(word) for word in words)
+
+
 def processes(*keys):
     """The processes of the training stage of config section `keys` (its `processes`, default 1)."""
     node = config

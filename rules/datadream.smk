@@ -20,15 +20,23 @@ wildcard_constraints:
 
 
 rule datadream_fewshot:
+    # Every few-shot set of a seed (datadream.shots) in one process (repro.core.each):
+    # each set is a draw of milliseconds behind seconds of start-up.
     input:
         train=datadream_split("train"),
     output:
-        data="data/datadream/fewshot/{shots}shot_s{seed}.safetensors",
-        manifest="data/datadream/fewshot/{shots}shot_s{seed}.json",
+        data=expand(
+            "data/datadream/fewshot/{shots}shot_s{{seed}}.safetensors",
+            shots=DATADREAM["shots"],
+        ),
+        manifest=expand(
+            "data/datadream/fewshot/{shots}shot_s{{seed}}.json",
+            shots=DATADREAM["shots"],
+        ),
     log:
-        "logs/datadream/fewshot/{shots}shot_s{seed}.log",
+        "logs/datadream/fewshot/s{seed}.log",
     benchmark:
-        "benchmarks/rules/datadream/fewshot_{shots}shot_s{seed}.tsv"
+        "benchmarks/rules/datadream/fewshot_s{seed}.tsv"
     conda:
         "../envs/datadream.yaml"
     threads: 1
@@ -36,19 +44,9 @@ rule datadream_fewshot:
         mem_mb=1000,
         runtime=5,
     params:
-        cfg=lambda wildcards: json.dumps(
-            {
-                "shots": int(wildcards.shots),
-                "seed": int(wildcards.seed),
-                "classnames": DATADREAM["classnames"],
-            }
-        ),
+        runs=datadream_fewshot_runs,
     shell:
-        stage(
-            "repro.datadream.fewshot",
-            "--train {input.train:q} --out {output.data:q}",
-            rule="datadream_fewshot",
-        )
+        each_stage("repro.datadream.fewshot")
 
 
 rule datadream_lora:
@@ -168,6 +166,9 @@ rule datadream_classify:
         "logs/datadream/runs/{dd_method}_{dd_generator}_{shots}shot_s{seed}.log",
     benchmark:
         "benchmarks/rules/datadream/classify_{dd_method}_{dd_generator}_{shots}shot_s{seed}.tsv"
+    wildcard_constraints:
+        # zero_shot and real: datadream_classify_real, a seed's runs in one job.
+        dd_method="synthetic|real_synthetic",
     conda:
         "../envs/datadream.yaml"
     threads: THREADS
@@ -176,13 +177,7 @@ rule datadream_classify:
         runtime=60,
         gpu=gpus(),
     params:
-        cfg=lambda wildcards: datadream_params(
-            "classifier",
-            wildcards.seed,
-            shots=int(wildcards.shots),
-            n_synthetic=DATADREAM["n_synthetic"],
-            foundation=foundation_params("clip"),
-        ),
+        cfg=lambda wildcards: datadream_classifier_params(wildcards.shots, wildcards.seed),
         data=datadream_data_args,
         checkpoints="checkpoints/datadream/classify",
     shell:
@@ -194,6 +189,41 @@ rule datadream_classify:
             " --checkpoint-dir {params.checkpoints:q}",
             rule="datadream_classify",
         )
+
+
+rule datadream_classify_real:
+    # Zero-shot CLIP and the real-only classifiers (every datadream.shots) of a seed,
+    # in one process (repro.core.each): small runs whose start-up (torch,
+    # transformers) is half their time. Each run is datadream_classify's command.
+    input:
+        fewshot=lambda wildcards: [
+            datadream_fewshot(shots, wildcards.seed) for shots in DATADREAM["shots"]
+        ],
+        val=datadream_split("val"),
+        test=datadream_split("test"),
+        clip=foundation_input("clip"),
+    output:
+        tables=expand(
+            "results/datadream/runs/{run}_s{{seed}}.csv", run=DATADREAM_REAL_RUNS
+        ),
+        metrics=expand(
+            "results/datadream/runs/{run}_s{{seed}}.json", run=DATADREAM_REAL_RUNS
+        ),
+    log:
+        "logs/datadream/runs/real_s{seed}.log",
+    benchmark:
+        "benchmarks/rules/datadream/classify_real_s{seed}.tsv"
+    conda:
+        "../envs/datadream.yaml"
+    threads: THREADS
+    resources:
+        mem_mb=3000,
+        runtime=120,
+        gpu=gpus(),
+    params:
+        runs=datadream_real_runs,
+    shell:
+        each_stage("repro.datadream.classify")
 
 
 rule datadream_table:

@@ -13,6 +13,14 @@ DATADREAM_LABEL = PAPERS["datadream"].label  # the report's category
 DATADREAM_DATASET = DATADREAM.get("dataset", "digits")
 # The largest synthetic set per class: generation makes it once, classifiers read prefixes.
 DATADREAM_N_MAX = max(DATADREAM["n_synthetic"])
+# A seed's classifier runs that see no synthetic image (zero-shot CLIP, real-only at
+# every shots): rule datadream_classify_real runs them in one job.
+DATADREAM_REAL_METHODS = ("zero_shot", "real")
+DATADREAM_REAL_RUNS = [
+    f"{method}_{generator}_{shots}shot"
+    for method, generator, shots in datadream_workflow.runs(DATADREAM)
+    if method in DATADREAM_REAL_METHODS
+]
 
 
 def datadream_params(key, seed=None, **extra):
@@ -40,6 +48,73 @@ def datadream_fewshot(shots, seed):
 
 def datadream_synthetic(generator, shots, seed):
     return f"data/datadream/synthetic/{generator}_{shots}shot_s{seed}.safetensors"
+
+
+def datadream_fewshot_runs(wildcards, input, output, threads):
+    """datadream_fewshot's runs (repro.core.each): one few-shot set per datadream.shots."""
+    return " ".join(
+        each_run(
+            {"--train": input.train, "--out": data},
+            cfg=json.dumps(
+                {
+                    "shots": int(shots),
+                    "seed": int(wildcards.seed),
+                    "classnames": DATADREAM["classnames"],
+                }
+            ),
+            rule_name="datadream_fewshot",
+            threads=threads,
+        )
+        for shots, data in zip(DATADREAM["shots"], output.data, strict=True)
+    )
+
+
+def datadream_classifier_params(shots, seed):
+    """datadream_classify's --params for a run at `shots` real shots per class."""
+    return datadream_params(
+        "classifier",
+        seed,
+        shots=int(shots),
+        n_synthetic=DATADREAM["n_synthetic"],
+        foundation=foundation_params("clip"),
+    )
+
+
+def datadream_real_runs(wildcards, input, output, threads):
+    """datadream_classify_real's runs (repro.core.each): datadream_classify's command for
+    each zero-shot and real-only run of the seed."""
+    runs = [
+        (method, generator, shots)
+        for method, generator, shots in datadream_workflow.runs(DATADREAM)
+        if method in DATADREAM_REAL_METHODS
+    ]
+    words = []
+    for (method, generator, shots), table, metrics in zip(
+        runs, output.tables, output.metrics, strict=True
+    ):
+        args = {}
+        if int(shots) > 0:
+            args["--fewshot"] = datadream_fewshot(shots, wildcards.seed)
+        args.update(
+            {
+                "--val": input.val,
+                "--test": input.test,
+                "--method": method,
+                "--generator": generator,
+                "--out": table,
+                "--metrics": metrics,
+                "--checkpoint-dir": "checkpoints/datadream/classify",
+            }
+        )
+        words.append(
+            each_run(
+                args,
+                cfg=datadream_classifier_params(shots, wildcards.seed),
+                rule_name="datadream_classify_real",
+                threads=threads,
+            )
+        )
+    return " ".join(words)
 
 
 def datadream_lora_input(wildcards):

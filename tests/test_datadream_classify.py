@@ -545,3 +545,29 @@ def test_sigkilled_stage_resumes_to_the_uninterrupted_numbers(data, tmp_path):
     assert resumed["val_history"] == expected["val_history"]
     assert resumed["final_loss"] == expected["final_loss"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "run.csv"), pd.read_csv(reference / "run.csv"))
+
+
+def test_a_seeds_runs_in_one_process_equal_each_run_alone(data, tmp_path):
+    """Rule datadream_classify_real runs zero-shot and real-only classifiers in one
+    process (repro.core.each): the real run's numbers are those it has alone."""
+    from repro.core.each import run_each
+
+    root = data["root"]
+
+    def argv(method, out, fewshot):
+        args = ["--val", str(root / "val.safetensors"), "--test", str(root / "test.safetensors")]
+        if fewshot:
+            args += ["--fewshot", str(root / "fewshot.safetensors")]
+        args += ["--method", method, "--generator", "none"]
+        args += ["--out", str(out / f"{method}.csv"), "--metrics", str(out / f"{method}.json")]
+        return args + ["--checkpoint-dir", str(out / "ckpt"), "--params", json.dumps(params(data))]
+
+    grouped = tmp_path / "grouped"
+    run_each(classify.main, [argv("zero_shot", grouped, False), argv("real", grouped, True)])
+    alone, _ = run_stage(data, tmp_path / "alone", "real")
+    pd.testing.assert_frame_equal(pd.read_csv(grouped / "real.csv"), alone)
+    history = json.loads((grouped / "real.json").read_text())["runs"]["0"]["val_history"]
+    assert (
+        history
+        == json.loads((tmp_path / "alone" / "run.json").read_text())["runs"]["0"]["val_history"]
+    )

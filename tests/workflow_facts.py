@@ -19,6 +19,7 @@ GPU_RULES: dict[str, tuple[str, ...] | None] = {
     "datadream_generate": None,
     "datadream_fid": None,
     "datadream_classify": None,
+    "datadream_classify_real": None,
     "probex_base": None,
     "probex_zoo": None,
     "probex_probe": None,

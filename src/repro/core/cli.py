@@ -35,12 +35,19 @@ def setup_logging() -> None:
     )
 
 
+# The stage module that repro.core.each runs (several runs in one process), if it runs one.
+STAGE_MODULE: str | None = None
+
+
 def log_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> None:
     """Log the command line as it can be rerun: `python -m <module> <arguments>`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    prog = f"-m {spec.name}" if spec is not None else parser.prog
+    if STAGE_MODULE is not None:
+        prog = f"-m {STAGE_MODULE}"
+    else:
+        prog = f"-m {spec.name}" if spec is not None else parser.prog
     log.info("command: python %s %s", prog, shlex.join(argv))
 
 
