@@ -177,7 +177,9 @@ rule datadream_classify:
         runtime=60,
         gpu=gpus(),
     params:
-        cfg=lambda wildcards: datadream_classifier_params(wildcards.shots, wildcards.seed),
+        cfg=lambda wildcards: datadream_classifier_params(
+            wildcards.shots, wildcards.seed
+        ),
         data=datadream_data_args,
         checkpoints="checkpoints/datadream/classify",
     shell:
