@@ -97,6 +97,7 @@ OUTPUTS = [
     ".snakemake/locks/0.input.lock",
     "mlflow.db",
     "mlartifacts/1/a",
+    ".mlflow-spool/0001-abc/run.json",
 ]
 HUB = [
     "models/hub/cache/models--facebook--DiT-XL-2-256/blobs/abc",
