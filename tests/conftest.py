@@ -54,3 +54,16 @@ def tiny_dit():
 def tiny_dit_config():
     """TINY_DIT as a fresh dict: the params a test hands to repro.core.modelio.build_dit."""
     return dict(TINY_DIT)
+
+
+@pytest.fixture(scope="module")
+def quiet_and_one_thread():
+    """For a module of stage tests (`pytestmark = pytest.mark.usefixtures(...)`): no
+    MLflow runs, and one torch thread (tiny models gain nothing from a second thread on
+    a busy machine); both restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPRO_MLFLOW", "0")
+        yield
+    torch.set_num_threads(threads)

@@ -106,15 +106,8 @@ CFG = {
 SETS = [list(pair) for pair in generated_sets({"humo": {"generate": GENERATE}}, "full")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_and_one_thread():
-    """No MLflow runs; tiny models gain nothing from a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REPRO_MLFLOW", "0")
-        yield
-    torch.set_num_threads(threads)
+# No MLflow runs; one torch thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quiet_and_one_thread")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -72,14 +72,8 @@ SLA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REPRO_MLFLOW", "0")
-        yield
-    torch.set_num_threads(threads)
+# No MLflow runs; one torch thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("quiet_and_one_thread")
 
 
 @pytest.fixture(scope="module")
