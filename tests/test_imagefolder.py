@@ -363,7 +363,8 @@ def test_datadream_reads_an_imagefolder_data_set_through_the_rules(tmp_path):
     assert "data/datasets/tiny_set/train.safetensors" in block
     command = re.search(r"python\S* -m repro.core.data imagefolder .*", plan).group(0)
     assert "--out-dir data/datasets/tiny_set" in command and str(tmp_path / "tree") in command
-    fewshot = re.search(r"-m repro.datadream.fewshot .*", plan).group(0)
+    # A seed's few-shot sets are one job: repro.core.each runs the stage once per size.
+    fewshot = re.search(r"-m repro.core.each repro.datadream.fewshot .*", plan).group(0)
     assert "--train data/datasets/tiny_set/train.safetensors" in fewshot
     classify = re.search(r"-m repro.datadream.classify .*", plan).group(0)
     assert "data/datasets/tiny_set/val.safetensors" in classify

@@ -52,7 +52,6 @@ CPU_RULES = frozenset(
         "datadream_table",
         "datadream_figures",
         "datadream_claims",
-        "probex_zoo_import",
         "probex_table",
         "probex_figures",
         "probex_claims",
