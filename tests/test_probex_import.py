@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from repro.core.config import load_yaml, schema_errors, validate_config
 from repro.core.errors import ReproInputError
 from repro.probex import import_zoo, probe
+from repro.probex import workflow as probex_workflow
 from repro.probex.zoo import load_base_state, load_layer, load_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,7 +324,11 @@ def test_an_imported_tree_beside_generated_ones_is_accepted(tmp_path):
     splits = write_json(tmp_path / "s.json", FIXED)
     save_file({"x.weight": torch.zeros(2, 2)}, tmp_path / "base.safetensors")
     tree = imported(tmp_path, splits=str(splits), base=str(tmp_path / "base.safetensors"))
-    validate_config(with_trees(tree))  # no seed needed: the splits are fixed
+    cfg = with_trees(tree)
+    validate_config(cfg)  # no seed needed: the splits are fixed
+    generated = [t["name"] for t in tiny()["probex"]["trees"]]
+    assert probex_workflow.generated_trees(cfg["probex"]) == generated
+    assert probex_workflow.imported_trees(cfg["probex"]) == [tree["name"]]
     names = list(tiny()["probex"]["classnames"])
     validate_config(with_trees({**tree, "classnames": names}))
 
