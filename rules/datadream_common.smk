@@ -16,11 +16,12 @@ DATADREAM_N_MAX = max(DATADREAM["n_synthetic"])
 # A seed's classifier runs that see no synthetic image (zero-shot CLIP, real-only at
 # every shots): rule datadream_classify_real runs them in one job.
 DATADREAM_REAL_METHODS = ("zero_shot", "real")
-DATADREAM_REAL_RUNS = [
-    f"{method}_{generator}_{shots}shot"
+DATADREAM_REAL = [
+    (method, generator, shots)
     for method, generator, shots in datadream_workflow.runs(DATADREAM)
     if method in DATADREAM_REAL_METHODS
 ]
+DATADREAM_REAL_RUNS = [f"{m}_{g}_{s}shot" for m, g, s in DATADREAM_REAL]
 
 
 def datadream_params(key, seed=None, **extra):
@@ -83,14 +84,9 @@ def datadream_classifier_params(shots, seed):
 def datadream_real_runs(wildcards, input, output, threads):
     """datadream_classify_real's runs (repro.core.each): datadream_classify's command for
     each zero-shot and real-only run of the seed."""
-    runs = [
-        (method, generator, shots)
-        for method, generator, shots in datadream_workflow.runs(DATADREAM)
-        if method in DATADREAM_REAL_METHODS
-    ]
     words = []
     for (method, generator, shots), table, metrics in zip(
-        runs, output.tables, output.metrics, strict=True
+        DATADREAM_REAL, output.tables, output.metrics, strict=True
     ):
         args = {}
         if int(shots) > 0:
