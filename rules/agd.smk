@@ -30,6 +30,7 @@ rule agd_base:
         "logs/{agd_root}/base.log",
     benchmark:
         "benchmarks/rules/{agd_root}/base.tsv"
+    priority: AGD_PRIORITY_BASE
     conda:
         "../envs/agd.yaml"
     threads: BASE_THREADS
@@ -62,6 +63,7 @@ rule agd_trajectories:
         "logs/{agd_root}/trajectories/{agd_checkpoint}_{traj}_s{seed}.log",
     benchmark:
         "benchmarks/rules/{agd_root}/trajectories_{agd_checkpoint}_{traj}_s{seed}.tsv"
+    priority: agd_chain_priority
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -93,6 +95,7 @@ rule agd_distill:
         "logs/{agd_root}/distill/{agd_checkpoint}_{traj}_{adapter}_s{seed}.log",
     benchmark:
         "benchmarks/rules/{agd_root}/distill_{agd_checkpoint}_{traj}_{adapter}_s{seed}.tsv"
+    priority: agd_chain_priority
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -130,6 +133,7 @@ rule agd_gd:
         "logs/{agd_root}/gd_s{seed}.log",
     benchmark:
         "benchmarks/rules/{agd_root}/gd_s{seed}.tsv"
+    priority: AGD_PRIORITY_LONG
     conda:
         "../envs/agd.yaml"
     threads: THREADS
@@ -200,6 +204,7 @@ rule agd_eval:
         "logs/{agd_root}/eval/{agd_checkpoint}_{agd_method}.log",
     benchmark:
         "benchmarks/rules/{agd_root}/eval_{agd_checkpoint}_{agd_method}.tsv"
+    priority: agd_chain_priority
     conda:
         "../envs/agd.yaml"
     threads: THREADS

@@ -156,3 +156,22 @@ def agd_eval_option(flag, key):
         return " ".join([flag] + [shlex.quote(str(p)) for p in paths])
 
     return option
+
+
+# Scheduling on a few cores: the base gates every other job, and the evaluation of the
+# base's CFG-trajectory adapters (every type and seed) is the longest evaluation. Ran in
+# whatever order, that evaluation started last and ran alone (tiny, 2 cores: 40 s of one
+# idle core at the end, 8 s at the start while the digit classifier held a core the base
+# needed). Snakemake starts ready jobs of higher priority first.
+AGD_PRIORITY_BASE = 3
+# The base's CFG trajectories -> their adapters -> their evaluation:
+AGD_PRIORITY_CHAIN = 2
+AGD_PRIORITY_LONG = 1  # GD: the longest single jobs after the base
+
+
+def agd_chain_priority(wildcards):
+    """The base's CFG trajectories, adapters and AGD evaluation first; the rest after."""
+    on_base = wildcards.get("agd_checkpoint") == "base"
+    traj = wildcards.get("traj", "cfg")
+    method = wildcards.get("agd_method", "agd")
+    return AGD_PRIORITY_CHAIN if on_base and traj == "cfg" and method == "agd" else 0

@@ -240,3 +240,33 @@ def test_paper_scale_runs_multi_process_stages_under_torchrun(tmp_path):
     assert "gpu=3" in distill
     assert "torch.distributed.run" not in gd and "gpu=1" in gd
     assert re.search(r"python\S* -m repro\.agd\.gd ", gd)
+
+
+def test_agd_plans_the_base_first_then_the_chain_to_its_longest_evaluation(tmp_path):
+    # Scheduling only (the jobs and their commands are the same in any order): on two
+    # cores, the base's CFG chain ahead of the rest kept its 83-s evaluation from
+    # running alone at the end.
+    plan = dry_run(tmp_path, "results/agd_fid.csv")
+    planned = []
+    for rule, block in jobs(plan):
+        found = re.search(r"wildcards: (.*)", block)
+        wildcards = dict(w.split("=", 1) for w in found.group(1).split(", ")) if found else {}
+        priority = re.search(r"priority: (\d+)", block)
+        planned.append((rule, wildcards, int(priority.group(1)) if priority else 0))
+    by_priority = {p: [(r, w) for r, w, q in planned if q == p] for p in (0, 1, 2, 3)}
+    assert [r for r, _ in by_priority[3]] == ["agd_base"]
+    assert sorted(r for r, _ in by_priority[1]) == ["agd_gd"] * 3
+    chain = by_priority[2]
+    assert sorted({r for r, _ in chain}) == ["agd_distill", "agd_eval", "agd_trajectories"]
+    assert len(chain) == 3 + 12 + 1  # 3 seeds' trajectories, 4 types x 3 seeds, one eval
+    for rule, wildcards in chain:
+        assert wildcards["agd_checkpoint"] == "base", (rule, wildcards)
+        assert wildcards.get("traj", "cfg") == "cfg" and wildcards.get("agd_method", "agd") == "agd"
+    # Just outside the chain: the derived checkpoint's AGD evaluation, the standard
+    # trajectories' adapters.
+    rest = by_priority[0]
+    assert (
+        "agd_eval",
+        {"agd_root": "agd", "agd_checkpoint": "derived", "agd_method": "agd"},
+    ) in rest
+    assert any(r == "agd_distill" and w["traj"] == "standard" for r, w in rest)
